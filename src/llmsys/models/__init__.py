@@ -1,0 +1,76 @@
+"""The thin compatibility layer over transformers internals.
+
+Everything that knows how a transformers model is put together lives here: where the decoder layers
+and attention modules are, how post-RoPE queries and keys are computed for each family, what the
+attention modules receive as keyword arguments, where MoE routers and experts live, and which name
+the cache argument has in the installed transformers version. Plug-ins go through these helpers, so
+a rename in transformers changes this package only.
+"""
+
+from llmsys.models.compat import (
+    CACHE_KWARG,
+    TRANSFORMERS_VERSION,
+    cache_kwargs,
+    forward,
+    generate,
+    output_cache,
+)
+from llmsys.models.families import (
+    DENSE_FAMILIES,
+    MOE_FAMILIES,
+    SUPPORTED_FAMILIES,
+    UnsupportedModelError,
+    family_of,
+    is_moe,
+)
+from llmsys.models.layers import (
+    AttentionCall,
+    MoEBlock,
+    apply_rope,
+    attention_modules,
+    base_model,
+    decoder_layers,
+    embed_tokens,
+    final_norm,
+    kv_heads,
+    lm_head,
+    moe_blocks,
+    position_embeddings,
+    query_key_states,
+    query_key_value_states,
+    read_attention_call,
+    rope_inv_freq,
+    rotary_embedding,
+)
+
+__all__ = [
+    "CACHE_KWARG",
+    "DENSE_FAMILIES",
+    "MOE_FAMILIES",
+    "SUPPORTED_FAMILIES",
+    "TRANSFORMERS_VERSION",
+    "AttentionCall",
+    "MoEBlock",
+    "UnsupportedModelError",
+    "apply_rope",
+    "attention_modules",
+    "base_model",
+    "cache_kwargs",
+    "decoder_layers",
+    "embed_tokens",
+    "family_of",
+    "final_norm",
+    "forward",
+    "generate",
+    "is_moe",
+    "kv_heads",
+    "lm_head",
+    "moe_blocks",
+    "output_cache",
+    "position_embeddings",
+    "query_key_states",
+    "query_key_value_states",
+    "read_attention_call",
+    "rope_inv_freq",
+    "rotary_embedding",
+]

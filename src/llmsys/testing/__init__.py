@@ -1,0 +1,17 @@
+"""Shared fixtures for tests, benchmarks and users: tiny models, a local tokenizer, test batteries."""
+
+from llmsys.testing.battery import every_dense_family, every_family, every_moe_family
+from llmsys.testing.models import DENSE_FAMILIES, MOE_FAMILIES, TINY_VOCAB, tiny_config, tiny_model
+from llmsys.testing.tokenizer import local_tokenizer
+
+__all__ = [
+    "DENSE_FAMILIES",
+    "MOE_FAMILIES",
+    "TINY_VOCAB",
+    "every_dense_family",
+    "every_family",
+    "every_moe_family",
+    "local_tokenizer",
+    "tiny_config",
+    "tiny_model",
+]
