@@ -5,7 +5,7 @@
 On CUDA both backends are timed (bf16 inputs) and each result also reports achieved memory bandwidth
 (unique bytes read + written / time) as a fraction of a measured device-to-device copy. On CPU only the
 reference is timed (fp32) unless --triton-on-cpu is passed (then the Triton interpreter runs: very
-slow, use with --quick). Writes kernels.json and kernels.png into --out (default results/kernels).
+slow, use with --quick). Writes kernels.json and kernels.png into --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (< 1 min on CPU)")
-    parser.add_argument("--out", default="results/kernels", help="output folder (default: results/kernels)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     parser.add_argument("--triton-on-cpu", action="store_true", help="also time the Triton interpreter")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

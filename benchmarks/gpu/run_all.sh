@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On a CUDA machine whose python3 already has torch, triton, transformers and pytest (installs
+# nothing): the GPU tests and the GPU benchmarks, in under 8 minutes, results into the folder $1.
+#   bash benchmarks/gpu/run_all.sh OUT
+# Writes flat files only (the device tool brings back at most 8): info.json, tests.log,
+# kernels.json, kernels.png, plus one JSON + PNG per plug-in benchmark with a GPU part.
+set -uo pipefail
+OUT=${1:?usage: run_all.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+PY=${PYTHON:-python3}
+failed=()
+
+step() {  # step NAME SECONDS LOG CMD...: time-limited, output appended to LOG and shown, failures kept
+  local name=$1 limit=$2 log=$3 t0=$SECONDS rc start
+  shift 3
+  echo "== $name (limit ${limit}s)" | tee -a "$log"
+  start=$(wc -l <"$log")
+  timeout "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  tail -n +"$((start + 1))" "$log" | tail -n 12
+  [ $rc -eq 0 ] || failed+=("$name (rc=$rc)")
+  echo "== $name: rc=$rc, $((SECONDS - t0))s" | tee -a "$log"
+}
+
+"$PY" -m llmsys.cli info --json >"$OUT/info.json" 2>>"$OUT/tests.log" || failed+=("info")
+cat "$OUT/info.json"
+# 1. GPU-marked tests: compiled Triton kernels and CUDA cache paths (TRITON_INTERPRET must be unset).
+step gpu-tests 240 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# 2. The CPU suites of the shared layers on this machine's torch/transformers (the lent machines have
+#    torch 2.11 and transformers 5.17: the lower end of the supported range), kernels in the interpreter.
+step cpu-suites 180 "$OUT/tests.log" env TRITON_INTERPRET=1 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider \
+  -n 8 tests/models tests/cache tests/kernels
+# 3. Benchmarks with a GPU part.
+step kernels-bench 150 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" benchmarks/kernels.py --out "$OUT"
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"
