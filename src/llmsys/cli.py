@@ -1,4 +1,4 @@
-"""The `llmsys` command: info, demo (plug-in issues add bench and their own subcommands)."""
+"""The `llmsys` command: info, demo, and the subcommands each plug-in adds (moe, eval, threads, serve)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def _print_info(as_json: bool) -> None:
         print(f"  {name:28s} {backend}")
 
 
+#: modules whose `add_parser(subparsers)` adds a plug-in's subcommands (setting a `*handler` default)
+PLUGIN_CLIS = ("llmsys.eval.cli", "llmsys.moe.cli", "llmsys.threads.cli", "llmsys.serve.cli", "llmsys.filter.cli")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true")
     p_demo = sub.add_parser("demo", help="one row per plug-in: a tiny model through each method")
     p_demo.add_argument("--json", action="store_true")
+    for module in PLUGIN_CLIS:  # each plug-in adds its own subcommands, if it is installed
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                raise
     args = parser.parse_args(argv)
+    handler = next((v for k, v in vars(args).items() if k.endswith("handler") and callable(v)), None)
+    if handler is not None:
+        return int(handler(args) or 0)
 
     if args.command == "info":
         _print_info(args.json)

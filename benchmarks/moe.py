@@ -1,0 +1,306 @@
+"""MoETuner benchmark: expert placements compared on load balance, GPU-pair traffic and solve time.
+
+    python benchmarks/moe.py [--quick] [--out DIR]
+
+1. traces recorded from tiny Mixtral and Qwen2-MoE models (random weights, 8 experts x 8 layers);
+2. synthetic traces at real shapes (documented skew and affinity, llmsys.moe.synthetic_trace):
+   Mixtral 8 x 32 on 4 and 8 GPUs, Qwen3-MoE 128 x 48 on 8 and 16 GPUs, DeepSeek-V3 256 x 58 on 32
+   and 64 GPUs (8 GPUs per node: NVLink inside, network across);
+3. an affinity sweep at the Mixtral shape (0 = no structure to exploit);
+4. the expert-parallel runtime on 2 and 4 CPU processes: EP output vs single process, measured bytes
+   vs the evaluator's prediction.
+For contiguous / round-robin / EPLB greedy / MoETuner: max/mean load, max pair traffic (MoETuner's
+inter-layer model), estimated step time, solve time. Writes moe.json and PNG plots into --out
+(default benchmarks/results). --quick (under 5 minutes on 2 cores) uses fewer tokens and shorter time limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bar_plot, machine_info, print_table, write_json  # noqa: E402
+from llmsys.models import forward  # noqa: E402
+from llmsys.moe import (  # noqa: E402
+    SHAPES,
+    Contiguous,
+    EPCase,
+    EPLBGreedy,
+    Hardware,
+    MoETuner,
+    RoundRobin,
+    RoutingRecorder,
+    RoutingTrace,
+    Topology,
+    check_expert_parallel,
+    evaluate,
+    plot_reports,
+    synthetic_shape_trace,
+)
+from llmsys.moe.trace import HOT_RATIO  # noqa: E402
+from llmsys.testing import tiny_model  # noqa: E402
+
+GPUS_PER_NODE = 8
+COLUMNS = [
+    "case",
+    "solver",
+    "max_mean_load",
+    "max_pair_traffic",
+    "vs_greedy",
+    "link_vs_greedy",
+    "est_step_ms",
+    "solve_seconds",
+    "mip_gap",
+]
+
+
+def _topology(gpus: int) -> Topology:
+    return Topology.make(gpus, max(1, gpus // GPUS_PER_NODE))
+
+
+def _solvers(topo: Topology, time_limit: float, paper_variant: bool) -> dict[str, Any]:
+    solvers: dict[str, Any] = {
+        "contiguous": Contiguous(topo),
+        "round_robin": RoundRobin(topo),
+        "eplb_greedy": EPLBGreedy(topo),
+        "moetuner": MoETuner(topo, time_limit=time_limit),
+    }
+    if paper_variant:  # the paper's two ILPs without our refinement stage
+        solvers["moetuner_2ilp"] = MoETuner(topo, time_limit=time_limit, refine="none")
+    return solvers
+
+
+def run_case(name: str, trace: RoutingTrace, gpus: int, time_limit: float, hw: Hardware | None, out: Path,
+             paper_variant: bool = False) -> dict[str, Any]:  # fmt: skip
+    topo = _topology(gpus)
+    reports, placements = {}, {}
+    for solver_name, solver in _solvers(topo, time_limit, paper_variant).items():
+        placements[solver_name] = solver(trace)
+        reports[solver_name] = evaluate(placements[solver_name], trace, hw)
+    greedy = reports["eplb_greedy"]
+    rows = {}
+    for solver_name, report in reports.items():
+        row = report.summary()
+        row["vs_greedy"] = round(report.max_pair_traffic / max(greedy.max_pair_traffic, 1e-9) - 1, 4)
+        row["link_vs_greedy"] = round(report.max_link_traffic / max(greedy.max_link_traffic, 1e-9) - 1, 4)
+        row["load_minus_greedy"] = round(report.max_mean_load - greedy.max_mean_load, 4)
+        row["method"] = placements[solver_name].meta.get("method", solver_name)
+        rows[solver_name] = row
+    plot_reports(reports, out / f"moe_{name}.png", title=f"{name}: {trace.source}")
+    return {
+        "trace": trace.source,
+        "gpus": gpus,
+        "nodes": topo.num_nodes,
+        "tokens": trace.num_tokens,
+        "time_limit": time_limit,
+        "solvers": rows,
+        "moetuner_meta": {k: v for k, v in placements["moetuner"].meta.items() if k != "solver"},
+    }
+
+
+def tiny_trace(family: str, tokens: int, seed: int = 0) -> RoutingTrace:
+    key = "num_local_experts" if family == "mixtral" else "num_experts"
+    model = tiny_model(family, seed=seed, num_hidden_layers=8, **{key: 8})
+    ids = torch.randint(3, model.config.vocab_size, (tokens // 64, 64), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        for chunk in ids.split(8):
+            forward(model, chunk)
+    return rec.trace()
+
+
+def ep_check(world_sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    results = []
+    for world in world_sizes:
+        cases = []
+        for family in ("mixtral", "qwen2_moe"):
+            key = "num_local_experts" if family == "mixtral" else "num_experts"
+            config = {key: 8}
+            ids = torch.randint(3, 500, (world * 2, 32), generator=torch.Generator().manual_seed(world))
+            model = tiny_model(family, **config)
+            with torch.no_grad(), RoutingRecorder(model) as rec:
+                forward(model, ids)
+            trace = rec.trace()
+            solvers = (EPLBGreedy(world), EPLBGreedy(world, num_slots=8 + world), MoETuner(world, time_limit=3))
+            for solver in solvers:  # no replicas, one replica per GPU, MoETuner
+                cases.append(EPCase(family, solver(trace), ids, config=config))
+        start = time.perf_counter()
+        checks = check_expert_parallel(cases, world)
+        seconds = time.perf_counter() - start
+        for case, check in zip(cases, checks):
+            results.append({
+                "world_size": world,
+                "family": check.family,
+                "placement": f"{case.placement.meta['solver']} ({case.placement.num_slots} slots)",
+                "max_abs_diff": check.max_abs_diff,
+                "bytes_match": check.bytes_match,
+                "measured_total_bytes": float(check.measured["total"].sum()),
+                "predicted_total_bytes": float(check.predicted["total"].sum()),
+                "max_pair_bytes": float(check.measured["total"].max()),
+                "run_seconds_all_cases": round(seconds, 2),
+            })  # fmt: skip
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens, shorter solver time limits (< 5 min)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    q = args.quick
+    tokens = {"mixtral": 8192, "qwen3_moe": 4096 if q else 8192, "deepseek_v3": 4096 if q else 8192}
+    limits = {"mixtral": 12.0 if q else 60.0, "qwen3_moe": 15.0 if q else 60.0, "deepseek_v3": 15.0 if q else 60.0}
+    # the issue's goal: 128 x 48 x 16 solves within 60 s: a 55 s limit leaves room for the set-up
+    # around the search (the refinement uses whatever time it is given); quick mode gives it 30 s
+    limit_qwen16 = 30.0 if q else 55.0
+
+    cases: dict[str, Any] = {}
+    print("== traces from tiny models (random weights), 8 experts x 8 layers, 4 GPUs")
+    for family in ("mixtral", "qwen2_moe"):
+        trace = tiny_trace(family, 2048)
+        cases[f"tiny_{family}_4gpu"] = run_case(f"tiny_{family}_4gpu", trace, 4, 10.0, None, out)
+
+    print("== synthetic traces at real shapes")
+    plan = [
+        ("mixtral", 4),
+        ("mixtral", 8),
+        ("qwen3_moe", 8),
+        ("qwen3_moe", 16),
+        ("deepseek_v3", 32),
+        ("deepseek_v3", 64),
+    ]
+    traces = {}
+    for shape, gpus in plan:
+        if shape not in traces:
+            traces[shape] = synthetic_shape_trace(shape, tokens[shape], seed=0)
+        limit = limit_qwen16 if (shape, gpus) == ("qwen3_moe", 16) else limits[shape]
+        name = f"{shape}_{gpus}gpu"
+        cases[name] = run_case(
+            name, traces[shape], gpus, limit, Hardware.for_shape(shape), out, paper_variant=shape == "mixtral"
+        )
+        print(f"   {name} done ({time.perf_counter() - start:.0f}s)")
+
+    print("== affinity sweep, Mixtral shape, 4 GPUs")
+    sweep = {}
+    for affinity in (0.0, 0.5, 0.9):
+        trace = synthetic_shape_trace("mixtral", 4096, affinity=affinity, seed=1)
+        topo = _topology(4)
+        greedy = evaluate(EPLBGreedy(topo)(trace), trace, ep_homes=False)
+        tuned = evaluate(MoETuner(topo, time_limit=6.0 if q else 30.0)(trace), trace, ep_homes=False)
+        sweep[str(affinity)] = {
+            "greedy": greedy.summary(),
+            "moetuner": tuned.summary(),
+            "vs_greedy": round(tuned.max_pair_traffic / greedy.max_pair_traffic - 1, 4),
+        }
+
+    print("== expert-parallel runtime (gloo, CPU processes)")
+    ep = ep_check((2, 4))
+
+    # goals of the issue, evaluated on the numbers above
+    goals: dict[str, Any] = {}
+    for name in ("mixtral_4gpu", "mixtral_8gpu"):
+        row = cases[name]["solvers"]["moetuner"]
+        goals[f"{name}_traffic_cut_vs_greedy"] = -row["vs_greedy"]
+        goals[f"{name}_load_minus_greedy"] = row["load_minus_greedy"]
+        goals[f"{name}_met"] = bool(-row["vs_greedy"] >= 0.25 and row["load_minus_greedy"] <= 0.05)
+    q16 = cases["qwen3_moe_16gpu"]
+    goals["qwen3_moe_16gpu_solve_seconds"] = q16["solvers"]["moetuner"]["solve_seconds"]
+    goals["qwen3_moe_16gpu_method"] = q16["solvers"]["moetuner"]["method"]
+    goals["qwen3_moe_16gpu_mip_gap"] = q16["moetuner_meta"].get("mip_gap")  # None: no ILP at this size
+    # the heuristic's reported gap: stage-1 balance against the bound max(mean, hottest expert)
+    goals["qwen3_moe_16gpu_stage1_max_mean"] = q16["moetuner_meta"]["stage1"]["max_mean_load"]
+    goals["qwen3_moe_16gpu_stage1_lower_bound"] = q16["moetuner_meta"]["stage1"]["max_mean_lower_bound"]
+    goals["qwen3_moe_16gpu_within_60s"] = bool(q16["solvers"]["moetuner"]["solve_seconds"] <= 60.0)
+    goals["ep_bytes_match_prediction"] = all(r["bytes_match"] for r in ep)
+    goals["ep_max_abs_diff"] = max(r["max_abs_diff"] for r in ep)
+
+    rows = []
+    for name, case in cases.items():
+        for solver_name, row in case["solvers"].items():
+            rows.append({**row, "case": name, "solver": solver_name})
+    print_table(rows, COLUMNS)
+    print_table(
+        [
+            {
+                "affinity": a,
+                "greedy": s["greedy"]["max_pair_traffic"],
+                "moetuner": s["moetuner"]["max_pair_traffic"],
+                "vs_greedy": s["vs_greedy"],
+            }
+            for a, s in sweep.items()
+        ],  # fmt: skip
+        ["affinity", "greedy", "moetuner", "vs_greedy"],
+    )
+    print_table(ep, ["world_size", "family", "placement", "max_abs_diff", "bytes_match", "measured_total_bytes"])
+    for key, value in goals.items():
+        print(f"{key:40s} {value}")
+
+    names = [n for n in cases if not n.startswith("tiny")]
+    solvers = ["contiguous", "round_robin", "eplb_greedy", "moetuner"]
+    bar_plot(
+        out / "moe_pair_traffic.png",
+        names,
+        {
+            s: [
+                cases[n]["solvers"][s]["max_pair_traffic"] / cases[n]["solvers"]["eplb_greedy"]["max_pair_traffic"]
+                for n in names
+            ]
+            for s in solvers
+        },  # fmt: skip
+        ylabel="max pair traffic / EPLB greedy's",
+        title="MoETuner-model max GPU-pair traffic (sum over layer transitions), relative to EPLB greedy",
+        log=False,
+    )
+    bar_plot(
+        out / "moe_balance.png",
+        names,
+        {s: [cases[n]["solvers"][s]["max_mean_load"] for n in names] for s in solvers},
+        ylabel="per-layer max / mean GPU load (mean over layers)",
+        title="load balance (1.0 = perfect)",
+        log=False,
+    )
+    payload = {
+        "benchmark": "moe",
+        "machine": machine_info(),
+        "quick": q,
+        "seconds": round(time.perf_counter() - start, 1),
+        "synthetic_model": {
+            "hot_ratio": HOT_RATIO,
+            "affinity": 0.5,
+            "concentration": 0.3,
+            "shapes": {
+                k: dict(zip(("experts", "layers", "top_k", "hidden", "intermediate"), v)) for k, v in SHAPES.items()
+            },
+            "gpus_per_node": GPUS_PER_NODE,
+        },
+        "metrics": {
+            "max_mean_load": "per-layer max/mean GPU token load, averaged over MoE layers",
+            "max_pair_traffic": "sum over layer transitions of the heaviest GPU pair's bandwidth-normalised "
+            "token moves (MoETuner's inter-layer model, R[e1,e2,l])",
+            "max_link_traffic": "the heaviest GPU pair's normalised traffic summed over all transitions",
+            "ep_max_pair_traffic": "standard EP (home -> expert GPU dispatch + combine), same normalisation",
+            "est_step_ms": "slowest GPU's expert GEMMs + slowest link per all-to-all (H100 figures)",
+        },
+        "cases": cases,
+        "affinity_sweep": sweep,
+        "expert_parallel": ep,
+        "goals": goals,
+    }
+    path = write_json(out / "moe.json", payload)
+    print(f"\nwrote {path} and PNG plots in {out} ({payload['seconds']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
