@@ -66,8 +66,15 @@ def _plugin_row(name: str) -> dict:
     return module.demo_row()
 
 
+def reference_row() -> dict:
+    """The trained reference model's needle accuracy (the quality yardstick of the plug-ins)."""
+    from llmsys.eval.demo import demo_row
+
+    return demo_row()
+
+
 def rows() -> list[Callable[[], dict]]:
-    return [cache_row, *[(lambda n=n: _plugin_row(n)) for n in PLUGINS]]
+    return [cache_row, reference_row, *[(lambda n=n: _plugin_row(n)) for n in PLUGINS]]
 
 
 def run_demo(as_json: bool = False) -> int:
