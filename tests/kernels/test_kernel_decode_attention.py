@@ -212,3 +212,20 @@ def test_forcing_triton_without_interpreter_raises(rand, monkeypatch):
     # auto falls back to the reference instead
     ref = gathered_decode_attention_reference(q, k, k)
     torch.testing.assert_close(gathered_decode_attention(q, k, k), ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_garbage_in_unused_slots_never_leaks(request, rand, gen, backend):
+    """Slots past a row's length (a fresh pool: uninitialised memory) may hold NaN or inf: ignored."""
+    if backend == "triton":
+        request.getfixturevalue("triton_cpu")
+    q = rand(2, 4, 64)
+    k_pages, v_pages, table, seq_lens = make_paged(rand, gen, 2, 2, 8, 64, [11, 5])
+    clean = paged_decode_attention(q, k_pages, v_pages, table, seq_lens, backend=backend)
+    for b, n in enumerate(seq_lens.tolist()):  # poison the tail of each row's last page
+        last = int(table[b, (n - 1) // 8])
+        k_pages[last, :, n % 8 or 8 :] = float("nan")
+        v_pages[last, :, n % 8 or 8 :] = float("inf")
+    poisoned = paged_decode_attention(q, k_pages, v_pages, table, seq_lens, backend=backend)
+    assert torch.isfinite(poisoned).all()
+    torch.testing.assert_close(poisoned, clean, **TOL)

@@ -83,7 +83,10 @@ def gathered_decode_attention_reference(
     probs = torch.softmax(scores, dim=-1)
     # A row with no valid key would be 0/0 = NaN; define its output as zeros.
     probs = torch.where(valid.any(dim=1)[:, None, None, None], probs, torch.zeros_like(probs))
-    out = probs @ v.float()  # [B, Hkv, group, D]
+    # Masked slots may hold anything (a fresh pool is uninitialised memory, NaN bit patterns included):
+    # 0 * NaN is NaN, so zero them rather than rely on a zero probability.
+    vf = v.float().masked_fill(~valid[:, None, :, None], 0.0)
+    out = probs @ vf  # [B, Hkv, group, D]
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
