@@ -7,6 +7,7 @@ the cache argument has in the installed transformers version. Plug-ins go throug
 a rename in transformers changes this package only.
 """
 
+from llmsys.models.attention import register_attention_function, sliding_window_of, use_attention
 from llmsys.models.compat import (
     CACHE_KWARG,
     TRANSFORMERS_VERSION,
@@ -71,6 +72,9 @@ __all__ = [
     "query_key_states",
     "query_key_value_states",
     "read_attention_call",
+    "register_attention_function",
     "rope_inv_freq",
     "rotary_embedding",
+    "sliding_window_of",
+    "use_attention",
 ]
