@@ -94,24 +94,6 @@ def max_rate(make, dataset, cost, slo, duration, floor, iterations) -> float:
     return low
 
 
-def metrics_row(m) -> dict:
-    return {
-        "ttft_mean": m.ttft.mean,
-        "ttft_p50": m.ttft.p50,
-        "ttft_p90": m.ttft.p90,
-        "ttft_p99": m.ttft.p99,
-        "tbt_mean": m.tbt.mean,
-        "tbt_p50": m.tbt.p50,
-        "tbt_p90": m.tbt.p90,
-        "tbt_p99": m.tbt.p99,
-        "throughput_rps": m.throughput_rps,
-        "throughput_tps": m.throughput_tps,
-        "slo_attainment": m.slo_attainment,
-        "goodput_rps": m.goodput_rps,
-        "meets_slo": m.meets_slo(),
-    }
-
-
 def sweep(dataset: str, cost: CostModel, args, label: str = "") -> dict:
     slo = SLOS[dataset]
     fs = factories(cost, *slo, full=not args.quick)
@@ -122,7 +104,7 @@ def sweep(dataset: str, cost: CostModel, args, label: str = "") -> dict:
     grid = sorted({round(ref * f, 3) for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25)} | {ref})
     schedulers = {}
     for name, make in fs.items():
-        points = [{"rate": r, **metrics_row(run_point(make, dataset, r, cost, slo, duration, floor))} for r in grid]
+        points = [{"rate": r, **run_point(make, dataset, r, cost, slo, duration, floor).row()} for r in grid]
         at_ref = next(p for p in points if p["rate"] == ref)
         schedulers[name] = {
             "max_rate_under_slo": rates_max[name],

@@ -136,24 +136,7 @@ def _simulate(args: argparse.Namespace) -> int:
             factories[name](), workload, cost, ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, num_pages=num_pages
         )
         m = res.metrics
-        rows.append(
-            {
-                "scheduler": name,
-                "ttft_mean": m.ttft.mean,
-                "ttft_p50": m.ttft.p50,
-                "ttft_p90": m.ttft.p90,
-                "ttft_p99": m.ttft.p99,
-                "tbt_mean": m.tbt.mean,
-                "tbt_p50": m.tbt.p50,
-                "tbt_p90": m.tbt.p90,
-                "tbt_p99": m.tbt.p99,
-                "throughput_rps": m.throughput_rps,
-                "throughput_tps": m.throughput_tps,
-                "slo_attainment": m.slo_attainment,
-                "goodput_rps": m.goodput_rps,
-                "meets_slo": m.meets_slo(),
-            }
-        )
+        rows.append({"scheduler": name, **m.row()})
     if args.json:
         print(json.dumps({"profile": profile.name, "rate": args.rate, "results": rows}, indent=2))
         return 0

@@ -108,6 +108,19 @@ class ServingMetrics:
         data["meets_slo"] = self.meets_slo()
         return data
 
+    def row(self) -> dict:
+        """A flat table row: latency percentiles, throughput, SLO attainment, goodput."""
+        stats = {f"{name}_{q}": getattr(getattr(self, name), q) for name in ("ttft", "tbt")
+                 for q in ("mean", "p50", "p90", "p99")}
+        return {
+            **stats,
+            "throughput_rps": self.throughput_rps,
+            "throughput_tps": self.throughput_tps,
+            "slo_attainment": self.slo_attainment,
+            "goodput_rps": self.goodput_rps,
+            "meets_slo": self.meets_slo(),
+        }
+
 
 def _le(x: float, bound: float) -> bool:
     return not math.isnan(x) and x <= bound
