@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from llmsys.machine import cpu_name
+
 __all__ = [
     "bar_plot",
     "copy_bandwidth",
@@ -130,21 +132,10 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: i
     return 2 * x.numel() * x.element_size() / (t["median_ms"] * 1e-3)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """Where numbers come from: CPU/GPU names, core count, torch/triton/python versions."""
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

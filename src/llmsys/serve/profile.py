@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmsys.machine import cpu_name
 from llmsys.serve.costmodel import BatchWork, CostModel, ModelShape, Profile, default_profile
 from llmsys.serve.errors import GPUUnavailableError, ProfileError
 from llmsys.serve.request import Batch, RequestState
@@ -172,8 +173,8 @@ def fit_cpu_profile(samples: Sequence[Sample], shape: ModelShape, name: str = "c
 
     profile = Profile(
         name=name,
-        source=f"fitted to {len(samples)} batches of llmsys.serve's engine on {_cpu_name()}",
-        device=_cpu_name(),
+        source=f"fitted to {len(samples)} batches of llmsys.serve's engine on {cpu_name()}",
+        device=cpu_name(),
         model=shape,
         flops=rate(coef[3]),
         attention_flops=rate(coef[4]),
@@ -409,19 +410,6 @@ def _concurrent_samples(runner: ModelRunner, lanes, share: float, repeats: int) 
 def _gpu_pages(model: nn.Module) -> int:
     # enough for the largest sample (128 rows x 2048 tokens, or 64 x 2048 + a 2048 prompt), with slack
     return (128 * 2049 + 8192) // 16 + 64
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "cpu"
 
 
 __all__ = [
