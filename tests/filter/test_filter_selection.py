@@ -19,7 +19,9 @@ def _prompts(batch: int = 2, length: int = LENGTH, seed: int = 0) -> torch.Tenso
     return torch.randint(3, 500, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def independent_selection(model, ids: torch.Tensor, layer: int, topk: int, kernel: int = 5) -> torch.Tensor:
+def independent_selection(
+    model, ids: torch.Tensor, layer: int, topk: int, kernel: int = 5, pooling: str = "avg"
+) -> torch.Tensor:
     """GemFilter from the paper's description, on one unpadded row [1, n], without llmsys code:
     the input of decoder layer `layer` (transformers' hidden_states), its input norm, the family's own
     projections and rotary function, raw q_last . k summed over all heads, avg-pool, top-k, sorted."""
@@ -47,7 +49,11 @@ def independent_selection(model, ids: torch.Tensor, layer: int, topk: int, kerne
         q, k = rope(q, k, cos, sin)
         k = k.repeat_interleave(heads // kv, dim=1)
         scores = torch.einsum("hd,htd->t", q[0, :, -1], k[0])
-        pooled = F.avg_pool1d(scores[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
+        if pooling == "max":  # the same zero-padded window as the average pool
+            padded = F.pad(scores[None, None], (kernel // 2, kernel // 2))
+            pooled = F.max_pool1d(padded, kernel, stride=1)[0, 0]
+        else:
+            pooled = F.avg_pool1d(scores[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
         return pooled.topk(min(topk, ids.shape[1])).indices.sort().values
 
 
@@ -164,3 +170,14 @@ def test_pool_kernel_is_applied(kernel):
     ids = _prompts(batch=1)
     got = select_tokens(model, ids, layer=1, topk=9, pool_kernel=kernel)
     assert torch.equal(got[0], independent_selection(model, ids, 1, 9, kernel=kernel))
+
+
+def test_max_pooling_is_applied():
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    ids = _prompts(batch=1)
+    method = GemFilter(layer=1, topk=9, pooling="max")
+    got = method.select(model, ids).indices[0]
+    assert torch.equal(got, independent_selection(model, ids, 1, 9, pooling="max"))
+    assert not torch.equal(got, GemFilter(layer=1, topk=9).select(model, ids).indices[0])
+    with pytest.raises(ValueError, match="pooling must be 'avg'"):
+        GemFilter(layer=1, pooling="min")

@@ -10,7 +10,7 @@ from llmsys.kernels import last_query_scores, last_query_scores_reference
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def naive_scores(q, k, softmax, scale=None, pool_kernel=1, reduce_heads="sum"):
+def naive_scores(q, k, softmax, scale=None, pool_kernel=1, reduce_heads="sum", pool="avg"):
     """Loops over heads and queries; pooling by explicit zero-padded windows."""
     B, Hq, W, D = q.shape
     T = k.shape[2]
@@ -30,7 +30,10 @@ def naive_scores(q, k, softmax, scale=None, pool_kernel=1, reduce_heads="sum"):
     if pool_kernel > 1:
         pad = pool_kernel // 2
         padded = torch.nn.functional.pad(x, (pad, pad))
-        x = torch.stack([padded[..., t : t + pool_kernel].sum(-1) / pool_kernel for t in range(T)], dim=-1)
+        if pool == "max":
+            x = torch.stack([padded[..., t : t + pool_kernel].amax(-1) for t in range(T)], dim=-1)
+        else:
+            x = torch.stack([padded[..., t : t + pool_kernel].sum(-1) / pool_kernel for t in range(T)], dim=-1)
     return x
 
 
@@ -41,25 +44,32 @@ SHAPES = [
     (1, 8, 2, 8, 50, 64),  # SnapKV-style window
     (2, 2, 2, 1, 1, 64),  # T=1
 ]
-# (softmax, reduce_heads, pool_kernel, scale)
-MODES = [(False, "sum", 1, None), (True, "sum", 7, None), (True, "none", 4, 0.2), (False, "mean", 3, 0.5)]
+# (softmax, reduce_heads, pool_kernel, scale, pool)
+MODES = [
+    (False, "sum", 1, None, "avg"),
+    (True, "sum", 7, None, "avg"),
+    (True, "none", 4, 0.2, "avg"),
+    (False, "mean", 3, 0.5, "avg"),
+    (False, "sum", 5, None, "max"),
+    (True, "none", 4, 0.2, "max"),
+]
 
 
-@pytest.mark.parametrize("softmax,reduce_heads,pool_kernel,scale", MODES)
+@pytest.mark.parametrize("softmax,reduce_heads,pool_kernel,scale,pool", MODES)
 @pytest.mark.parametrize("B,Hq,Hkv,W,T,D", SHAPES)
-def test_reference_matches_naive(rand, B, Hq, Hkv, W, T, D, softmax, reduce_heads, pool_kernel, scale):
+def test_reference_matches_naive(rand, B, Hq, Hkv, W, T, D, softmax, reduce_heads, pool_kernel, scale, pool):
     q, k = rand(B, Hq, W, D), rand(B, Hkv, T, D)
-    kw = dict(softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads)
+    kw = dict(softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads, pool=pool)
     torch.testing.assert_close(last_query_scores_reference(q, k, **kw), naive_scores(q, k, **kw), **TOL)
 
 
-@pytest.mark.parametrize("softmax,reduce_heads,pool_kernel,scale", MODES)
+@pytest.mark.parametrize("softmax,reduce_heads,pool_kernel,scale,pool", MODES)
 @pytest.mark.parametrize("B,Hq,Hkv,W,T,D", SHAPES)
 def test_triton_matches_reference(
-    triton_cpu, rand, B, Hq, Hkv, W, T, D, softmax, reduce_heads, pool_kernel, scale
+    triton_cpu, rand, B, Hq, Hkv, W, T, D, softmax, reduce_heads, pool_kernel, scale, pool
 ):
     q, k = rand(B, Hq, W, D), rand(B, Hkv, T, D)
-    kw = dict(softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads)
+    kw = dict(softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads, pool=pool)
     out = last_query_scores(q, k, backend="triton", **kw)
     ref = last_query_scores(q, k, backend="reference", **kw)
     assert out.dtype == torch.float32
@@ -95,6 +105,8 @@ def test_errors(rand):
         last_query_scores(q, k, softmax=True, reduce_heads="max")
     with pytest.raises(ValueError, match="pool_kernel"):
         last_query_scores(q, k, softmax=True, pool_kernel=0)
+    with pytest.raises(ValueError, match="pool must be 'avg' or 'max'"):
+        last_query_scores(q, k, softmax=True, pool_kernel=3, pool="min")
     with pytest.raises(ValueError, match="head dim"):
         last_query_scores(q, rand(1, 2, 8, 8), softmax=True)
     with pytest.raises(ValueError, match="share a dtype"):

@@ -47,6 +47,7 @@ from llmsys.filter.selection import (
     select_from_scores,
     selected_text,
 )
+from llmsys.kernels.last_query import Pooling
 from llmsys.models import CACHE_KWARG, base_model, cache_kwargs, family_of
 from llmsys.registry import register_method
 
@@ -66,7 +67,9 @@ class GemFilter:
         layer: 0-based decoder layer whose attention selects the tokens, or ``"auto"`` to calibrate it
             per model on synthetic needle prompts (`llmsys.filter.calibrate_layer`, cached per model).
         topk: prompt tokens kept per row (``min(topk, prompt length)``); the paper's default is 1024.
-        pool_kernel: width of the average pool that smooths the scores (the paper: 5).
+        pool_kernel: width of the pool that smooths the scores (the paper: 5).
+        pooling: ``"avg"`` (the paper) or ``"max"`` (not in the paper: a one-token spike keeps itself
+            and its neighbours; see docs/filter.md, "Why GemFilter loses accuracy on the reference model").
         keep_first: always keep the first real tokens of each row (e.g. BOS; part of `topk`).
         keep_last: always keep the last tokens (e.g. the question; part of `topk`). The paper forces
             neither (both 0).
@@ -77,6 +80,7 @@ class GemFilter:
     layer: int | Literal["auto"] = "auto"
     topk: int = 1024
     pool_kernel: int = 5
+    pooling: Pooling = "avg"
     keep_first: int = 0
     keep_last: int = 0
     positions: Positions = "contiguous"
@@ -89,6 +93,8 @@ class GemFilter:
             raise ValueError(f"GemFilter: topk must be an int >= 1, got {self.topk!r}")
         if not is_int(self.pool_kernel) or self.pool_kernel < 1:
             raise ValueError(f"GemFilter: pool_kernel must be an int >= 1, got {self.pool_kernel!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"GemFilter: pooling must be 'avg' (the paper) or 'max', got {self.pooling!r}")
         for name in ("keep_first", "keep_last"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"GemFilter: {name} must be an int >= 0, got {getattr(self, name)!r}")
@@ -123,7 +129,8 @@ class GemFilter:
     ) -> Selection:
         mask = check_prompt(input_ids, attention_mask)
         scores = filter_scores(
-            model, input_ids, layer=layer, attention_mask=attention_mask, pool_kernel=self.pool_kernel
+            model, input_ids, layer=layer, attention_mask=attention_mask, pool_kernel=self.pool_kernel,
+            pooling=self.pooling,
         )
         return select_from_scores(scores, mask, self.topk, self.keep_first, self.keep_last)
 

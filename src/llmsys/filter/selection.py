@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from llmsys.kernels import last_query_scores
+from llmsys.kernels.last_query import Pooling
 from llmsys.models import attention_modules, family_of, forward, query_key_states, read_attention_call
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def layer_scores(
     attention_mask: torch.Tensor | None = None,
     pool_kernel: int = 5,
     stop: bool = True,
+    pooling: Pooling = "avg",
 ) -> dict[int, torch.Tensor]:
     """GemFilter's token scores ``[B, n]`` (float32) at each of `layers`, from one forward.
 
@@ -102,7 +104,7 @@ def layer_scores(
             if padded:  # zero keys score 0, exactly what the pooling pads an unpadded row with
                 keys = keys * mask[:, None, :, None].to(keys.dtype)
             scores[index] = last_query_scores(
-                queries[:, :, -1:], keys, softmax=False, pool_kernel=pool_kernel, reduce_heads="sum"
+                queries[:, :, -1:], keys, softmax=False, pool_kernel=pool_kernel, reduce_heads="sum", pool=pooling
             )
             if stop and index == last:
                 raise _StopFirstPass
@@ -134,10 +136,13 @@ def filter_scores(
     layer: int,
     attention_mask: torch.Tensor | None = None,
     pool_kernel: int = 5,
+    pooling: Pooling = "avg",
 ) -> torch.Tensor:
     """The first pass: scores ``[B, n]`` of every prompt token at the filter `layer` (padding: -inf)."""
     layer = check_layer(model, layer)
-    return layer_scores(model, input_ids, [layer], attention_mask=attention_mask, pool_kernel=pool_kernel)[layer]
+    return layer_scores(
+        model, input_ids, [layer], attention_mask=attention_mask, pool_kernel=pool_kernel, pooling=pooling
+    )[layer]
 
 
 @dataclass

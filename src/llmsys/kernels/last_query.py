@@ -10,7 +10,8 @@
 
 then reduces over heads (``"sum"``/``"mean"`` -> ``[B, T]``, ``"none"`` -> ``[B, Hq, T]``) and
 average-pools over tokens like ``F.avg_pool1d(kernel, stride=1, padding=kernel//2)`` (zero padding
-counted; an even kernel yields T+1 values and the first T are kept). Scores are float32.
+counted; an even kernel yields T+1 values and the first T are kept), or with ``pool="max"`` takes
+the maximum over the same zero-padded window. Scores are float32.
 
 The Triton path computes the per-head scores ``[B, Hq, T]``; the head reduction and the pooling are
 cheap O(B·Hq·T) torch ops done after it (:func:`_reduce_and_pool`, shared with the reference).
@@ -33,11 +34,14 @@ from llmsys.kernels._dispatch import Backend, dot_dtype, next_pow2, resolve_back
 __all__ = ["last_query_scores", "last_query_scores_reference"]
 
 HeadReduction = Literal["sum", "mean", "none"]
+Pooling = Literal["avg", "max"]
 _LOG2E = math.log2(math.e)
 
 
-def _reduce_and_pool(scores: torch.Tensor, reduce_heads: HeadReduction, pool_kernel: int) -> torch.Tensor:
-    """scores [B, Hq, T] -> head reduction, then a stride-1 average pool over tokens."""
+def _reduce_and_pool(
+    scores: torch.Tensor, reduce_heads: HeadReduction, pool_kernel: int, pool: Pooling = "avg"
+) -> torch.Tensor:
+    """scores [B, Hq, T] -> head reduction, then a stride-1 average (or max) pool over tokens."""
     if reduce_heads == "sum":
         scores = scores.sum(dim=1)
     elif reduce_heads == "mean":
@@ -45,7 +49,11 @@ def _reduce_and_pool(scores: torch.Tensor, reduce_heads: HeadReduction, pool_ker
     if pool_kernel > 1:
         T = scores.shape[-1]
         flat = scores.reshape(-1, 1, T)
-        pooled = F.avg_pool1d(flat, pool_kernel, stride=1, padding=pool_kernel // 2)  # count_include_pad
+        if pool == "max":  # the same zero-padded window as the average pool, so both treat the ends alike
+            pad = pool_kernel // 2
+            pooled = F.max_pool1d(F.pad(flat, (pad, pad), value=0.0), pool_kernel, stride=1)
+        else:
+            pooled = F.avg_pool1d(flat, pool_kernel, stride=1, padding=pool_kernel // 2)  # count_include_pad
         scores = pooled[..., :T].reshape(scores.shape)
     return scores
 
@@ -63,6 +71,7 @@ def last_query_scores_reference(
     scale: float | None = None,
     pool_kernel: int = 1,
     reduce_heads: HeadReduction = "sum",
+    pool: Pooling = "avg",
 ) -> torch.Tensor:
     """Key scores from the last W queries. q [B,Hq,W,D], k [B,Hkv,T,D] -> [B,T] or [B,Hq,T] float32."""
     B, Hq, W, D = q.shape
@@ -76,7 +85,7 @@ def last_query_scores_reference(
     else:
         per_query = logits * (1.0 if scale is None else scale)
     scores = per_query.sum(dim=3).reshape(B, Hq, T)  # sum over the W queries
-    return _reduce_and_pool(scores, reduce_heads, pool_kernel)
+    return _reduce_and_pool(scores, reduce_heads, pool_kernel, pool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +251,7 @@ def last_query_scores(
     scale: float | None = None,
     pool_kernel: int = 1,
     reduce_heads: HeadReduction = "sum",
+    pool: Pooling = "avg",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Key importance from the last W queries (see the module docstring for the exact definition).
@@ -249,7 +259,8 @@ def last_query_scores(
     q ``[B, Hq, W, D]`` (queries at positions T-W..T-1), k ``[B, Hkv, T, D]``, both post-RoPE, W <= T.
     ``softmax=False``: summed raw ``q·k*scale`` (scale default 1, GemFilter); ``softmax=True``: summed
     causal attention probabilities (scale default ``D**-0.5``, SnapKV). Returns float32 ``[B, T]``
-    (``reduce_heads`` "sum"/"mean") or ``[B, Hq, T]`` ("none"), average-pooled with ``pool_kernel``.
+    (``reduce_heads`` "sum"/"mean") or ``[B, Hq, T]`` ("none"), pooled over ``pool_kernel`` tokens
+    (``pool`` "avg", or "max").
     """
     op = "last_query_scores"
     check_tensor(op, "q", q, 4, "[B, Hq, W, D]")
@@ -267,13 +278,15 @@ def last_query_scores(
         raise ValueError(f"{op}: reduce_heads must be 'sum', 'mean' or 'none', got {reduce_heads!r}")
     if not isinstance(pool_kernel, int) or pool_kernel < 1:
         raise ValueError(f"{op}: pool_kernel must be an int >= 1, got {pool_kernel!r}")
+    if pool not in ("avg", "max"):
+        raise ValueError(f"{op}: pool must be 'avg' or 'max', got {pool!r}")
     check_same_device(op, q=q, k=k)
 
     if not resolve_backend(backend, q.device, op):
         return last_query_scores_reference(
-            q, k, softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads
+            q, k, softmax=softmax, scale=scale, pool_kernel=pool_kernel, reduce_heads=reduce_heads, pool=pool
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5 if softmax else 1.0
     scores = _last_query_head_scores_triton(q, k, softmax, float(scale))
-    return _reduce_and_pool(scores, reduce_heads, pool_kernel)
+    return _reduce_and_pool(scores, reduce_heads, pool_kernel, pool)
