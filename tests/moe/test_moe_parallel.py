@@ -1,8 +1,9 @@
 """Expert-parallel execution: 2 and 4 CPU processes (gloo) against the single-process model.
 
-Each rank zeroes the weights of every expert it does not hold before the EP run, so outputs can only
-match if each expert really runs on the rank the placement names; bytes are counted per rank pair and
-compared with `predict_ep_bytes` on the single-process trace.
+Each rank shards its model to the experts of its slots (the others' weights are released), so outputs
+can only match if each expert really runs on the rank the placement names; the expert bytes each rank
+holds are compared with the placement x parameter shapes, and bytes sent per rank pair with
+`predict_ep_bytes` on the single-process trace.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from llmsys import models
 from llmsys.models import forward, moe_blocks
 from llmsys.moe import (
     EPCase,
@@ -41,12 +43,38 @@ def _trace(family, ids, **config):
     return rec.trace()
 
 
-def _assert_ok(check):
+def _expected_memory(case):
+    """Per rank: the experts of its slots per MoE layer, and their bytes from the parameter shapes."""
+    model = tiny_model(case.family, seed=case.seed, **case.config)
+    p, n = case.placement, case.placement.slots_per_gpu
+    full, held, nbytes = 0, [], []
+    row_bytes = []  # per MoE layer: bytes of one expert = all its experts' parameter bytes / E
+    for b in moe_blocks(model):
+        layer_bytes = sum(t.numel() * t.element_size() for t in b.experts.parameters())
+        full += layer_bytes
+        row_bytes.append(layer_bytes // b.num_experts)
+    for rank in range(p.num_gpus):
+        slots = p.phy2log[:, rank * n : (rank + 1) * n].tolist()
+        mine = [tuple(sorted(set(row) - {-1})) for row in slots]
+        held.append(mine)
+        nbytes.append(sum(len(m) * rb for m, rb in zip(mine, row_bytes)))
+    return full, held, nbytes
+
+
+def _assert_ok(check, case):
     assert check.max_abs_diff <= ATOL, f"{check.family}: EP logits differ by {check.max_abs_diff}"
     for key in (*CATEGORIES, "total"):
         np.testing.assert_array_equal(check.measured[key], check.predicted[key], err_msg=f"{check.family} {key}")
     off = ~np.eye(check.world_size, dtype=bool)
     assert (check.measured["dispatch"][off] > 0).any()  # tokens really crossed ranks
+    full, held, nbytes = _expected_memory(case)
+    assert check.entry_expert_bytes == [full] * check.world_size
+    assert [[tuple(h) for h in r] for r in check.held_experts] == held
+    assert check.held_expert_bytes == nbytes == check.expected_expert_bytes, check.family
+    assert max(nbytes) < full  # every rank released some experts
+    assert check.reentry_diff == 0.0
+    for rank, error in enumerate(check.outside_errors):  # no rank holds every expert of every layer
+        assert error is not None and "holds only experts" in error, (check.family, rank)
 
 
 def test_two_ranks_every_family():
@@ -59,8 +87,8 @@ def test_two_ranks_every_family():
         else:  # 6 slots for 4 experts: the two hottest are replicated (replica choice is exercised)
             placement = EPLBGreedy(2, num_slots=6)(trace)
         cases.append(EPCase(family, placement, ids))
-    for check in check_expert_parallel(cases, world_size=2):
-        _assert_ok(check)
+    for check, case in zip(check_expert_parallel(cases, world_size=2), cases):
+        _assert_ok(check, case)
 
 
 def test_four_ranks_eight_experts():
@@ -71,8 +99,8 @@ def test_four_ranks_eight_experts():
         EPCase("mixtral", MoETuner(4, time_limit=2)(mixtral), ids, config={"num_local_experts": 8}),
         EPCase("olmoe", EPLBGreedy(4, num_slots=12)(olmoe), ids, config={"num_experts": 8}),
     ]
-    for check in check_expert_parallel(cases, world_size=4):
-        _assert_ok(check)
+    for check, case in zip(check_expert_parallel(cases, world_size=4), cases):
+        _assert_ok(check, case)
 
 
 @pytest.fixture
@@ -93,6 +121,7 @@ def test_one_rank_is_exact_and_restores_the_model(single_rank_group):
         after = forward(model, ids).logits
     torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
     assert stats.calls == len(moe_blocks(model)) and stats.total.sum() == 0  # nothing leaves one rank
+    assert stats.held_expert_bytes == stats.entry_expert_bytes > 0  # one rank holds every expert
     assert all("forward" not in b.experts.__dict__ for b in moe_blocks(model))
     torch.testing.assert_close(after, reference, atol=0, rtol=0)
 
@@ -120,3 +149,16 @@ def test_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         with ExpertParallel(placement)(model):
             pass
+
+
+def test_sharded_model_refuses_a_placement_needing_released_experts(single_rank_group):
+    model = tiny_model("mixtral")
+    blocks = moe_blocks(model)
+    models.shard_experts(blocks[-1].experts, [0, 1, 2])  # as if sharded by a 2-rank placement before
+    placement = EPLBGreedy(1)(_trace("mixtral", _ids(2)))  # needs all 4 experts on rank 0
+    with pytest.raises(PlacementConstraintError, match=r"MoE layer 1: .*experts \[3\].*reload the model"):
+        with ExpertParallel(placement)(model):
+            pass
+    # every layer is checked before anything is released
+    assert models.held_experts(blocks[0].experts) == (0, 1, 2, 3)
+    assert all("forward" not in b.experts.__dict__ for b in blocks[:-1])

@@ -2,9 +2,9 @@
 
 Everything that knows how a transformers model is put together lives here: where the decoder layers
 and attention modules are, how post-RoPE queries and keys are computed for each family, what the
-attention modules receive as keyword arguments, where MoE routers and experts live, and which name
-the cache argument has in the installed transformers version. Plug-ins go through these helpers, so
-a rename in transformers changes this package only.
+attention modules receive as keyword arguments, where MoE routers and experts live (and how to keep
+only some experts in memory), and which name the cache argument has in the installed transformers
+version. Plug-ins go through these helpers, so a rename in transformers changes this package only.
 """
 
 from llmsys.models.attention import register_attention_function, sliding_window_of, use_attention
@@ -15,6 +15,13 @@ from llmsys.models.compat import (
     forward,
     generate,
     output_cache,
+)
+from llmsys.models.experts import (
+    NotHeldExpertError,
+    expert_parameter_bytes,
+    held_experts,
+    num_global_experts,
+    shard_experts,
 )
 from llmsys.models.families import (
     DENSE_FAMILIES,
@@ -52,6 +59,7 @@ __all__ = [
     "TRANSFORMERS_VERSION",
     "AttentionCall",
     "MoEBlock",
+    "NotHeldExpertError",
     "UnsupportedModelError",
     "apply_rope",
     "attention_modules",
@@ -59,14 +67,17 @@ __all__ = [
     "cache_kwargs",
     "decoder_layers",
     "embed_tokens",
+    "expert_parameter_bytes",
     "family_of",
     "final_norm",
     "forward",
     "generate",
+    "held_experts",
     "is_moe",
     "kv_heads",
     "lm_head",
     "moe_blocks",
+    "num_global_experts",
     "output_cache",
     "position_embeddings",
     "query_key_states",
@@ -75,6 +86,7 @@ __all__ = [
     "register_attention_function",
     "rope_inv_freq",
     "rotary_embedding",
+    "shard_experts",
     "sliding_window_of",
     "use_attention",
 ]

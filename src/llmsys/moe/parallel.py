@@ -1,7 +1,10 @@
 """Expert-parallel execution of a transformers MoE model, sharded by a `Placement`.
 
 Every rank runs the whole model on its own sequences (data-parallel attention, as in DeepSeek-style
-EP serving); inside each MoE block, the experts module is replaced (for the duration of a `with`
+EP serving). On entering the `with` block, each rank shards every MoE layer's experts module to the
+experts of its own slots (`llmsys.models.shard_experts`: replicas included, an expert in two slots of
+the same rank stored once, empty slots nothing); the weights of all other experts are released.
+Inside each MoE block, the experts module's forward is then replaced (for the duration of the `with`
 block) by a dispatcher:
 
 1. each routed (token, expert) entry goes to the GPU that serves it (`Placement.dispatch_ranks`: a
@@ -9,7 +12,8 @@ block) by a dispatcher:
 2. one all-to-all sends each token once to every rank serving at least one of its experts, with its
    k expert ids and weights (entries served elsewhere are masked);
 3. the receiving rank runs the ORIGINAL experts forward (whatever transformers experts
-   implementation the model uses) on the rows it received, with masked entries weighted 0;
+   implementation the model uses) on its local expert rows, for the rows it received, with masked
+   entries weighted 0;
 4. a second all-to-all returns one weighted partial sum per row, which the home rank adds up.
 
 So outputs equal the single-process model's (up to float summation order), the router and shared
@@ -17,9 +21,14 @@ experts are untouched, and every byte sent is counted per destination rank (`Com
 counts equal `llmsys.moe.evaluate.predict_ep_bytes` for the same routing. Works with gloo on CPU and
 NCCL on GPU (tensors stay on the hidden states' device). Inference only.
 
-Each rank keeps the full experts module in memory and computes only the experts of its slots (the
-weights of the others are simply not used): enough to test and measure the communication of a
-placement on one machine; a deployment would load only the local slots.
+Sharding is one-way: the released weights cannot come back, so after the `with` block the model
+stays sharded. Re-entering with the same placement on the same rank reuses the shards; a placement
+that needs an expert this rank released raises `PlacementConstraintError`. Outside the context, a
+sharded experts module raises `llmsys.models.NotHeldExpertError` as soon as a token is routed to an
+expert it does not hold (it never computes with missing weights): reload the model to run it
+single-process. `CommStats` records the expert-parameter bytes the rank held on entry and holds after
+sharding. The model is loaded whole first (then sharded), so peak memory on entry is still the full
+model's; a deployment would load only the local rows from the checkpoint.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmsys.models import moe_blocks
+from llmsys.models import expert_parameter_bytes, held_experts, moe_blocks, shard_experts
 from llmsys.moe.errors import PlacementConstraintError
 from llmsys.moe.placement import Placement
 from llmsys.registry import register_method
@@ -60,6 +69,11 @@ class CommStats:
     calls: int = 0  # MoE-block calls dispatched
     activation_bytes: int = 0  # element sizes seen (hidden states, routing weights)
     weight_bytes: int = 0
+    # memory: expert-parameter bytes of all MoE layers on this rank, on entry and once sharded, and
+    # the logical experts each MoE layer holds here
+    entry_expert_bytes: int = 0
+    held_expert_bytes: int = 0
+    held_experts: list[tuple[int, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in CATEGORIES:
@@ -195,7 +209,27 @@ class _Session:
                 f"the placement covers {p.num_layers} MoE layers x {p.num_experts} experts but the model has "
                 f"{len(blocks)} x {blocks[0].num_experts if blocks else 0}: solve it from this model's trace"
             )
+        # check every layer before releasing anything: a refused placement leaves the model as it was
+        n = p.slots_per_gpu
+        keeps = []
+        for i, block in enumerate(blocks):
+            slots = p.phy2log[i, self.rank * n : (self.rank + 1) * n]
+            keep = sorted({int(e) for e in slots if e >= 0})
+            held = held_experts(block.experts)  # UnsupportedModelError for a layout it cannot shard
+            missing = sorted(set(keep) - set(held))
+            if missing:
+                raise PlacementConstraintError(
+                    f"MoE layer {i}: this model is already sharded (rank {self.rank} holds experts {list(held)}) "
+                    f"but the placement puts experts {missing} here too; released weights cannot come back: "
+                    "reload the model, or re-enter with the placement it was sharded for"
+                )
+            keeps.append(keep)
         self.stats = CommStats(self.rank, self.world_size)
+        self.stats.entry_expert_bytes = sum(expert_parameter_bytes(b.experts) for b in blocks)
+        for block, keep in zip(blocks, keeps):
+            shard_experts(block.experts, keep)
+        self.stats.held_expert_bytes = sum(expert_parameter_bytes(b.experts) for b in blocks)
+        self.stats.held_experts = [tuple(keep) for keep in keeps]
         for i, block in enumerate(blocks):
             experts = block.experts
             self._saved.append((experts, experts.__dict__.get("forward")))
@@ -203,6 +237,7 @@ class _Session:
         return self.stats
 
     def __exit__(self, *exc: Any) -> None:
+        # the dispatcher goes; the shards stay (their forward refuses experts they do not hold)
         for module, previous in reversed(self._saved):
             if previous is None:
                 module.__dict__.pop("forward", None)
@@ -222,6 +257,11 @@ class ExpertParallel:
 
     Every rank must make the same number of model calls (each MoE layer is a collective); batches
     may differ in size. `group`: a process group (default: the world).
+
+    Entering shards the model IN PLACE: rank r keeps only the expert weights of its slots
+    (`stats.held_expert_bytes`, vs `stats.entry_expert_bytes`) and the model stays sharded after the
+    block; outside it, a token routed to a released expert raises `NotHeldExpertError`. Reload the
+    model to run it single-process or under a placement that needs other experts on this rank.
     """
 
     placement: Placement
@@ -283,7 +323,8 @@ def launch(
 
 
 # ---------------------------------------------------------------------------------------------
-# the end-to-end check: EP output == single-process output, measured bytes == predicted bytes
+# the end-to-end check: EP output == single-process output, measured bytes == predicted bytes,
+# each rank holds exactly its slots' experts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -297,9 +338,6 @@ class EPCase:
     input_ids: torch.Tensor
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
-    # zero, on each rank, the weights of the experts it does not hold (after the reference run): the
-    # outputs can then only match if every expert really runs on the rank the placement says
-    zero_remote_experts: bool = True
 
 
 @dataclass
@@ -309,26 +347,30 @@ class EPCheck:
     max_abs_diff: float  # EP logits vs single-process logits, max over ranks
     measured: dict[str, np.ndarray]  # [G, G] bytes per category, row = sender
     predicted: dict[str, np.ndarray]
+    # per rank: expert-parameter bytes held on entry (the full model), after sharding, and expected
+    # after sharding (each held expert's share of its layer's full bytes)
+    entry_expert_bytes: list[int] = field(default_factory=list)
+    held_expert_bytes: list[int] = field(default_factory=list)
+    expected_expert_bytes: list[int] = field(default_factory=list)
+    held_experts: list[list[tuple[int, ...]]] = field(default_factory=list)  # [rank][moe layer]
+    reentry_diff: float = 0.0  # a second `with` on the sharded model vs the first: reuses the shards
+    # per rank: the error raised when the sharded model runs outside the context (None: it ran)
+    outside_errors: list[str | None] = field(default_factory=list)
 
     @property
     def bytes_match(self) -> bool:
         return all(np.array_equal(self.measured[k], self.predicted[k]) for k in (*CATEGORIES, "total"))
 
+    @property
+    def memory_match(self) -> bool:
+        return self.held_expert_bytes == self.expected_expert_bytes
+
     def ok(self, atol: float = 1e-4) -> bool:
-        return self.bytes_match and self.max_abs_diff <= atol
-
-
-def _zero_remote_experts(model: nn.Module, placement: Placement, rank: int) -> None:
-    n = placement.slots_per_gpu
-    for layer, block in enumerate(moe_blocks(model)):
-        held = placement.phy2log[layer, rank * n : (rank + 1) * n]
-        remote = np.setdiff1d(np.arange(placement.num_experts), held)
-        for weight in (block.experts.gate_up_proj, block.experts.down_proj):  # [E, ...] (llmsys.models)
-            weight.data[torch.from_numpy(remote)] = 0.0
+        return self.bytes_match and self.memory_match and self.max_abs_diff <= atol and self.reentry_diff <= atol
 
 
 def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[str, Any]]:
-    from llmsys.models import forward
+    from llmsys.models import NotHeldExpertError, forward
     from llmsys.moe.evaluate import default_homes, predict_ep_bytes
     from llmsys.moe.trace import RoutingRecorder
     from llmsys.testing import tiny_model
@@ -341,14 +383,24 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
         if B % world_size:
             raise ValueError(f"batch of {B} sequences cannot be split over {world_size} ranks")
         lo, hi = rank * B // world_size, (rank + 1) * B // world_size
+        n = case.placement.slots_per_gpu
+        expected = 0
+        for layer, block in enumerate(moe_blocks(model)):
+            mine = {int(e) for e in case.placement.phy2log[layer, rank * n : (rank + 1) * n] if e >= 0}
+            expected += len(mine) * expert_parameter_bytes(block.experts) // block.num_experts
         with torch.no_grad():
             with RoutingRecorder(model) as rec:
                 reference = forward(model, ids).logits  # the single-process model on the full batch
             trace = rec.trace()
-            if case.zero_remote_experts:
-                _zero_remote_experts(model, case.placement, rank)
             with ExpertParallel(case.placement)(model) as stats:
                 logits = forward(model, ids[lo:hi]).logits
+            with ExpertParallel(case.placement)(model):  # the same placement again: shards reused
+                again = forward(model, ids[lo:hi]).logits
+            try:  # outside the context the released experts are missing, never silently skipped
+                forward(model, ids)
+                outside = None
+            except NotHeldExpertError as err:
+                outside = str(err)
         predicted = predict_ep_bytes(
             trace,
             case.placement,
@@ -362,13 +414,20 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
                 "diff": float((logits - reference[lo:hi]).abs().max()),
                 "measured": stats.matrix(),
                 "predicted": predicted,
+                "entry_bytes": stats.entry_expert_bytes,
+                "held_bytes": stats.held_expert_bytes,
+                "expected_bytes": expected,
+                "held": stats.held_experts,
+                "reentry_diff": float((again - logits).abs().max()),
+                "outside": outside,
             }
         )
     return out
 
 
 def check_expert_parallel(cases: list[EPCase], world_size: int) -> list[EPCheck]:
-    """Run every case on `world_size` CPU processes (gloo) and compare with the single-process model."""
+    """Run every case on `world_size` CPU processes (gloo) and compare with the single-process model
+    (logits, bytes sent, expert bytes held per rank)."""
     results = launch(_check_worker, world_size, cases)
     checks = []
     for i, case in enumerate(cases):
@@ -380,6 +439,12 @@ def check_expert_parallel(cases: list[EPCase], world_size: int) -> list[EPCheck]
                 max_abs_diff=max(r["diff"] for r in per_rank),
                 measured=per_rank[0]["measured"],
                 predicted=per_rank[0]["predicted"],
+                entry_expert_bytes=[r["entry_bytes"] for r in per_rank],
+                held_expert_bytes=[r["held_bytes"] for r in per_rank],
+                expected_expert_bytes=[r["expected_bytes"] for r in per_rank],
+                held_experts=[r["held"] for r in per_rank],
+                reentry_diff=max(r["reentry_diff"] for r in per_rank),
+                outside_errors=[r["outside"] for r in per_rank],
             )
         )
     return checks
