@@ -8,7 +8,11 @@
    and 64 GPUs (8 GPUs per node: NVLink inside, network across);
 3. an affinity sweep at the Mixtral shape (0 = no structure to exploit);
 4. the expert-parallel runtime on 2 and 4 CPU processes: EP output vs single process, measured bytes
-   vs the evaluator's prediction.
+   vs the evaluator's prediction;
+5. the exact optimum of the traffic objective at Mixtral / 4 GPUs (`llmsys.moe.exact`, a chain DP over
+   all 2,520 per-layer assignments): with each layer's load within 0.05 of the greedy's, and (full
+   run) with no load bound - how much any placement can cut against the greedy on these traces.
+   `--exact-only` runs just this part (and the affinity sweep's exact rows) into moe_exact.json.
 For contiguous / round-robin / EPLB greedy / MoETuner: max/mean load, max pair traffic (MoETuner's
 inter-layer model), estimated step time, solve time. Writes moe.json and PNG plots into --out
 (default benchmarks/results). --quick (under 5 minutes on 2 cores) uses fewer tokens and shorter time limits.
@@ -44,10 +48,12 @@ from llmsys.moe import (  # noqa: E402
     plot_reports,
     synthetic_shape_trace,
 )
+from llmsys.moe.exact import exact_placement  # noqa: E402
 from llmsys.moe.trace import HOT_RATIO  # noqa: E402
 from llmsys.testing import tiny_model  # noqa: E402
 
 GPUS_PER_NODE = 8
+AFFINITIES = (0.0, 0.5, 0.9)
 COLUMNS = [
     "case",
     "solver",
@@ -105,6 +111,35 @@ def run_case(name: str, trace: RoutingTrace, gpus: int, time_limit: float, hw: H
     }
 
 
+def exact_bounds(trace: RoutingTrace, gpus: int, unbounded: bool) -> dict[str, Any]:
+    """Greedy vs the exact optimum of the traffic objective (load within 0.05 of the greedy's, or free)."""
+    topo = _topology(gpus)
+    greedy = evaluate(EPLBGreedy(topo)(trace), trace, ep_homes=False)
+    out: dict[str, Any] = {"greedy": greedy.summary()}
+    variants = {"load_within_0.05": greedy.max_mean_per_layer + 0.05}
+    if unbounded:
+        variants["no_load_bound"] = None
+    for name, bound in variants.items():
+        placement = exact_placement(trace, topo, max_load=bound)
+        report = evaluate(placement, trace, ep_homes=False)
+        out[name] = {
+            **report.summary(),
+            "solve_seconds": round(placement.meta["solve_seconds"], 2),
+            "vs_greedy": round(report.max_pair_traffic / greedy.max_pair_traffic - 1, 4),
+            "load_minus_greedy": round(report.max_mean_load - greedy.max_mean_load, 4),
+        }
+    return out
+
+
+def exact_part(q: bool) -> dict[str, Any]:
+    """Part 5: the exact optimum at Mixtral / 4 GPUs, on the main trace and on the affinity sweep's."""
+    result = {"mixtral_4gpu": exact_bounds(synthetic_shape_trace("mixtral", 8192, seed=0), 4, unbounded=not q)}
+    for affinity in AFFINITIES:
+        trace = synthetic_shape_trace("mixtral", 4096, affinity=affinity, seed=1)
+        result[f"affinity_{affinity}"] = exact_bounds(trace, 4, unbounded=False)
+    return result
+
+
 def tiny_trace(family: str, tokens: int, seed: int = 0) -> RoutingTrace:
     key = "num_local_experts" if family == "mixtral" else "num_experts"
     model = tiny_model(family, seed=seed, num_hidden_layers=8, **{key: 8})
@@ -148,10 +183,25 @@ def ep_check(world_sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     return results
 
 
+def print_exact(exact: dict[str, Any]) -> None:
+    rows = []
+    for case, res in exact.items():
+        for name in ("load_within_0.05", "no_load_bound"):
+            if name in res:
+                r = res[name]
+                rows.append({
+                    "trace": case, "bound": name, "greedy": res["greedy"]["max_pair_traffic"],
+                    "optimum": r["max_pair_traffic"], "vs_greedy": r["vs_greedy"],
+                    "load_minus_greedy": r["load_minus_greedy"], "solve_seconds": r["solve_seconds"],
+                })  # fmt: skip
+    print_table(rows, ["trace", "bound", "greedy", "optimum", "vs_greedy", "load_minus_greedy", "solve_seconds"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens, shorter solver time limits (< 5 min)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
+    parser.add_argument("--exact-only", action="store_true", help="only part 5 (exact optimum) -> moe_exact.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -159,6 +209,13 @@ def main() -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     q = args.quick
+    if args.exact_only:
+        exact = exact_part(q)
+        print_exact(exact)
+        seconds = round(time.perf_counter() - start, 1)
+        payload = {"benchmark": "moe_exact", "machine": machine_info(), "quick": q, "seconds": seconds, "exact": exact}
+        write_json(out / "moe_exact.json", payload)
+        return 0
     tokens = {"mixtral": 8192, "qwen3_moe": 4096 if q else 8192, "deepseek_v3": 4096 if q else 8192}
     limits = {"mixtral": 12.0 if q else 60.0, "qwen3_moe": 15.0 if q else 60.0, "deepseek_v3": 15.0 if q else 60.0}
     # the issue's goal: 128 x 48 x 16 solves within 60 s: a 55 s limit leaves room for the set-up
@@ -193,7 +250,7 @@ def main() -> int:
 
     print("== affinity sweep, Mixtral shape, 4 GPUs")
     sweep = {}
-    for affinity in (0.0, 0.5, 0.9):
+    for affinity in AFFINITIES:
         trace = synthetic_shape_trace("mixtral", 4096, affinity=affinity, seed=1)
         topo = _topology(4)
         greedy = evaluate(EPLBGreedy(topo)(trace), trace, ep_homes=False)
@@ -206,6 +263,9 @@ def main() -> int:
 
     print("== expert-parallel runtime (gloo, CPU processes)")
     ep = ep_check((2, 4))
+
+    print("== exact optimum of the traffic objective, Mixtral shape, 4 GPUs")
+    exact = exact_part(q)
 
     # goals of the issue, evaluated on the numbers above
     goals: dict[str, Any] = {}
@@ -222,6 +282,7 @@ def main() -> int:
     goals["qwen3_moe_16gpu_stage1_max_mean"] = q16["moetuner_meta"]["stage1"]["max_mean_load"]
     goals["qwen3_moe_16gpu_stage1_lower_bound"] = q16["moetuner_meta"]["stage1"]["max_mean_lower_bound"]
     goals["qwen3_moe_16gpu_within_60s"] = bool(q16["solvers"]["moetuner"]["solve_seconds"] <= 60.0)
+    goals["mixtral_4gpu_best_possible_cut_vs_greedy"] = -exact["mixtral_4gpu"]["load_within_0.05"]["vs_greedy"]
     goals["ep_bytes_match_prediction"] = all(r["bytes_match"] for r in ep)
     goals["ep_max_abs_diff"] = max(r["max_abs_diff"] for r in ep)
 
@@ -243,6 +304,7 @@ def main() -> int:
         ["affinity", "greedy", "moetuner", "vs_greedy"],
     )
     print_table(ep, ["world_size", "family", "placement", "max_abs_diff", "bytes_match", "measured_total_bytes"])
+    print_exact(exact)
     for key, value in goals.items():
         print(f"{key:40s} {value}")
 
@@ -295,6 +357,7 @@ def main() -> int:
         "cases": cases,
         "affinity_sweep": sweep,
         "expert_parallel": ep,
+        "exact_optimum": exact,
         "goals": goals,
     }
     path = write_json(out / "moe.json", payload)

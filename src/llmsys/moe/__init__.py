@@ -25,6 +25,7 @@ from llmsys.moe.evaluate import (
     plot_reports,
     predict_ep_bytes,
 )
+from llmsys.moe.exact import exact_placement
 from llmsys.moe.export import (
     FORMATS,
     check_deployable,
@@ -69,6 +70,7 @@ __all__ = [
     "Hardware",
     "InfeasiblePlacementError",
     "MoETuner",
+    "exact_placement",
     "Placement",
     "PlacementConstraintError",
     "PlacementError",
