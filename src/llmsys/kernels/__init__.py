@@ -25,6 +25,7 @@ from llmsys.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+from llmsys.kernels.int4_matmul import int4_dequantize_reference, int4_matmul, int4_matmul_reference
 from llmsys.kernels.last_query import last_query_scores, last_query_scores_reference
 from llmsys.kernels.rope import rerotate_keys, rerotate_keys_reference
 
@@ -35,6 +36,7 @@ OPS = (
     "abstract_scores",
     "last_query_scores",
     "rerotate_keys",
+    "int4_matmul",
 )
 
 
@@ -60,6 +62,9 @@ __all__ = [
     "fixed_chunk_bounds",
     "gathered_decode_attention",
     "gathered_decode_attention_reference",
+    "int4_dequantize_reference",
+    "int4_matmul",
+    "int4_matmul_reference",
     "interpreter_enabled",
     "last_query_scores",
     "last_query_scores_reference",
