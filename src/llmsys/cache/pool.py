@@ -10,6 +10,11 @@ element-wise min and max of the keys stored in it, ``kmin/kmax [ids, Hkv, D]`` (
 that Quest and LeoAM score against queries). They are updated incrementally on every write
 (``index_reduce_`` with amin/amax) and reset when a page is allocated.
 
+Clean copies (``keep_clean_copies = True``, off by default): a page brought to the device from the
+host or disk keeps its lower-tier copy until the page is written, so moving it back down to that
+tier copies nothing (read-mostly KV that travels up and down, e.g. LeoAM's chunks). `pages_held`
+counts the slots and files those copies occupy; `tier_of` / `bytes_by_tier` report placement only.
+
 The pool knows nothing about sequences: `PagedLayer` keeps the page table and the token order, and
 a serving engine can drive a `PagePool` directly with its own per-sequence tables.
 """
@@ -129,6 +134,10 @@ class PagePool:
         self.kmin = torch.empty((0, num_heads, head_dim), dtype=dtype, device=self.device)
         self.kmax = torch.empty((0, num_heads, head_dim), dtype=dtype, device=self.device)
         self._inflight: dict[int, PrefetchHandle] = {}
+        #: keep a page's host/disk copy when it moves to the device, until it is written (see module doc)
+        self.keep_clean_copies = False
+        self.clean_codes = torch.empty(0, dtype=torch.int8)  # tier code of the clean copy, FREE if none
+        self.clean_slots = torch.empty(0, dtype=torch.long)
         #: bytes copied between tiers, keyed "src->dst" (e.g. "host->device")
         self.bytes_moved: Counter[str] = Counter()
 
@@ -165,6 +174,19 @@ class PagePool:
         self._check_owned(ids)
         return [_NAME[int(c)] for c in self.codes[ids].tolist()]
 
+    def clean_tier_of(self, page_ids: torch.Tensor | Iterable[int] | int) -> list[Tier | None]:
+        """The tier of each page's clean copy (None: no copy; see ``keep_clean_copies``)."""
+        ids = _as_id_list(page_ids)
+        return [None if c == FREE else _NAME[c] for c in self.clean_codes[ids].tolist()] if ids else []
+
+    def pages_held(self, tier: str) -> int:
+        """Pages whose bytes occupy `tier`: the pages placed there, clean copies kept there and the
+        sources of prefetches still in flight."""
+        code = _CODE[check_tier(tier)]
+        held = int((self.codes == code).sum()) + int((self.clean_codes == code).sum())
+        handles = {id(h): h for h in self._inflight.values()}.values()  # sources of in-flight prefetches
+        return held + sum(1 for h in handles for pid, c, _, _ in h._jobs if c == code and pid in self._inflight)
+
     def bytes_by_tier(self) -> dict[str, int]:
         """Bytes held by the pages placed on each tier (whole pages, keys and values)."""
         return {tier: self.pages_on(tier) * self.page_bytes for tier in TIERS}
@@ -193,6 +215,8 @@ class PagePool:
         new = max(old + extra, old + old // 2, 4)
         self.codes = torch.cat([self.codes, torch.full((new - old,), FREE, dtype=torch.int8)])
         self.slots = torch.cat([self.slots, torch.zeros(new - old, dtype=torch.long)])
+        self.clean_codes = torch.cat([self.clean_codes, torch.full((new - old,), FREE, dtype=torch.int8)])
+        self.clean_slots = torch.cat([self.clean_slots, torch.zeros(new - old, dtype=torch.long)])
         pad = torch.empty((new - old, self.num_heads, self.head_dim), dtype=self.dtype, device=self.device)
         self.kmin = torch.cat([self.kmin, pad.fill_(float("inf"))])
         self.kmax = torch.cat([self.kmax, pad.fill_(float("-inf"))])
@@ -244,6 +268,7 @@ class PagePool:
         self._check_owned(ids)
         if len(set(ids)) != len(ids):
             raise RuntimeError(f"layer {self.layer_idx}: page ids freed twice in one call: {sorted(ids)}")
+        self._drop_clean_copies(ids)
         for code, id_slots in self._group_by_tier(ids).items():
             self._release(code, id_slots)
         self.codes[ids] = FREE
@@ -269,6 +294,16 @@ class PagePool:
             for pid, _ in id_slots:
                 self.tiers.disk.delete(self.layer_idx, pid)
 
+    def _drop_clean_copies(self, ids: Sequence[int]) -> None:
+        """Release the clean lower-tier copies of pages (they are written to, freed or re-placed)."""
+        if not ids or not bool((self.clean_codes != FREE).any()):
+            return
+        t = torch.tensor(list(ids), dtype=torch.long)
+        has = t[self.clean_codes[t] != FREE].tolist()
+        for pid, code, slot in zip(has, self.clean_codes[has].tolist(), self.clean_slots[has].tolist()):
+            self._release(code, [(pid, slot)])
+        self.clean_codes[has] = FREE
+
     def _check_owned(self, ids: Sequence[int]) -> None:
         if not ids:
             return
@@ -291,6 +326,7 @@ class PagePool:
         unique = torch.unique(ids_cpu).tolist()
         self._await(unique)
         self.ensure_device(unique)
+        self._drop_clean_copies(unique)
         slots = self.slots[ids_cpu].to(self.device)
         offs = offsets.reshape(-1).to(self.device)
         keys = keys.to(self.device, self.dtype)
@@ -393,6 +429,7 @@ class PagePool:
             return
         self._await(ids)
         self._check_owned(ids)
+        self._drop_clean_copies(ids)
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
         for code, members in self._group_positions(ids).items():
@@ -479,6 +516,18 @@ class PagePool:
         if not todo:
             return 0
         moved = 0
+        if tier != DEVICE and self.keep_clean_copies:
+            # pages with a clean copy on `tier` go back to it without a copy
+            back = [p for p in todo if int(self.clean_codes[p]) == dst_code]
+            if back:
+                self._release(_CODE[DEVICE], list(zip(back, self.slots[back].tolist())))
+                self.codes[back] = dst_code
+                self.slots[back] = self.clean_slots[back]
+                self.clean_codes[back] = FREE
+                todo = [p for p in todo if int(self.codes[p]) != dst_code]
+            self._drop_clean_copies(todo)
+        if not todo:
+            return 0
         if tier == DEVICE:
             self._check_budget(len(todo))
         for code, members in self._group_positions(todo).items():
@@ -501,7 +550,11 @@ class PagePool:
                 for i, pid in enumerate(pids):
                     disk.write(self.layer_idx, pid, k[i], v[i])
                 new_slots = [0] * len(pids)
-            self._release(code, list(zip(pids, old_slots)))
+            if tier == DEVICE and self.keep_clean_copies and code != _CODE[DEVICE]:
+                self.clean_codes[pids] = code  # keep the source as the page's clean copy
+                self.clean_slots[pids] = torch.tensor(old_slots, dtype=torch.long)
+            else:
+                self._release(code, list(zip(pids, old_slots)))
             self.codes[pids] = dst_code
             self.slots[pids] = torch.tensor(new_slots, dtype=torch.long)
             nbytes = len(pids) * self.page_bytes
@@ -555,7 +608,11 @@ class PagePool:
     def _prefetch_done(self, handle: PrefetchHandle) -> None:
         for pid, code, slot, _ in handle._jobs:  # type: ignore[attr-defined]
             self._inflight.pop(pid, None)
-            self._release(code, [(pid, slot)])
+            if self.keep_clean_copies and int(self.codes[pid]) == _CODE[DEVICE]:
+                self.clean_codes[pid] = code
+                self.clean_slots[pid] = slot
+            else:
+                self._release(code, [(pid, slot)])
             self.bytes_moved[f"{_NAME[code]}->{DEVICE}"] += self.page_bytes
 
     def _prefetch_failed(self, handle: PrefetchHandle) -> None:
@@ -589,8 +646,14 @@ class PagePool:
         owned = set(self.owned())
         assert owned.isdisjoint(free), "a page is both owned and free"
         assert owned | set(free) == set(range(n)), "page ids leaked (neither owned nor free)"
+        clean = self.clean_codes[: self.capacity]
+        stray = (clean != FREE) & (self.codes != _CODE[DEVICE])
+        assert not bool(stray.any()), "a page off the device has a clean copy"
+        handles = {id(h): h for h in self._inflight.values()}.values()
+        sources = [(c, slot) for h in handles for pid, c, slot, _ in h._jobs if pid in self._inflight]
         for code, store in ((_CODE[DEVICE], self.device_store), (_CODE[HOST], self.host_store)):
-            used = self.slots[self.codes == code].tolist()
+            used = self.slots[self.codes == code].tolist() + self.clean_slots[clean == code].tolist()
+            used += [slot for c, slot in sources if c == code]  # read by a prefetch still in flight
             if store is None:
                 assert not used
                 continue

@@ -1,8 +1,10 @@
 """KV-cache policies for `llmsys.cache.PagedCache`.
 
-Today: the SnapKV and H2O baselines (`llmsys.kv.policies`), used by the GemFilter benchmark. The
-LeoAM issue adds Full / StreamingLLM / Quest / LeoAM next to them, following the conventions in the
-`llmsys.kv.policies` docstring (`BudgetPolicy`, token fields, ``needs_queries``, registration).
+LeoAM (`llmsys.kv.leoam`, `LeoAMCache` in `llmsys.kv.leoam_cache`; docs/kv-leoam.md) and the
+baselines it is compared with (docs/kv.md): Full / StreamingLLM / Quest (`llmsys.kv.baselines`) and
+SnapKV / H2O (`llmsys.kv.policies`, whose docstring holds the shared conventions: `BudgetPolicy`,
+token fields, ``needs_queries``, registration). `llmsys.kv.protocol.context_then_question` is the
+evaluation protocol of benchmarks/kv.py (compress the context, then ask the question).
 
     from llmsys.cache import PagedCache
     from llmsys.kv import SnapKV, H2O
@@ -11,6 +13,29 @@ LeoAM issue adds Full / StreamingLLM / Quest / LeoAM next to them, following the
         llmsys.models.generate(model, ids, cache=cache, max_new_tokens=32)
 """
 
+from llmsys.kv.baselines import Full, Quest, StreamingLLM, quest_page_scores
+from llmsys.kv.compress import CompressedDiskStore, dequantize_minmax, minmax_error_bound, quantize_minmax
+from llmsys.kv.leoam import LeoAM
+from llmsys.kv.leoam_cache import LeoAMCache, TieredLeoAM
+from llmsys.kv.offload import WholeKVOffloadCache
 from llmsys.kv.policies import H2O, BudgetPolicy, SnapKV, accumulated_attention, snapkv_scores
 
-__all__ = ["H2O", "BudgetPolicy", "SnapKV", "accumulated_attention", "snapkv_scores"]
+__all__ = [
+    "H2O",
+    "BudgetPolicy",
+    "CompressedDiskStore",
+    "Full",
+    "LeoAM",
+    "LeoAMCache",
+    "Quest",
+    "SnapKV",
+    "StreamingLLM",
+    "TieredLeoAM",
+    "WholeKVOffloadCache",
+    "accumulated_attention",
+    "dequantize_minmax",
+    "minmax_error_bound",
+    "quantize_minmax",
+    "quest_page_scores",
+    "snapkv_scores",
+]
