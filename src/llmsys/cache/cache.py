@@ -94,9 +94,10 @@ class PagedCache(Cache):
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs: Any) -> PagedCache:
-        """A cache for `model`; if the policy needs queries, the hooks are installed until `close()`."""
+        """A cache for `model`; unless the policy keeps everything (`KeepAll`), the query / mask hooks
+        are installed until `close()` (a policy that evicts needs the mask rebuilt for padded rows)."""
         cache = cls(config=model.config, **kwargs)
-        if cache.policy.needs_queries:
+        if cache.policy.needs_queries or type(cache.policy) is not KeepAll:
             cache._install_hooks(model)
             # removed on close(), or when the cache is garbage collected without one
             weakref.finalize(cache, _remove_handles, list(cache._hooks[id(model)]))
