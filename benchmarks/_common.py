@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from llmsys.machine import cpu_name
-
 __all__ = [
     "bar_plot",
     "copy_bandwidth",
@@ -134,6 +132,9 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: i
 
 def machine_info() -> dict[str, Any]:
     """Where numbers come from: CPU/GPU names, core count, torch/triton/python versions."""
+    # imported here: the kvpress workers load this module in an environment without llmsys
+    from llmsys.machine import cpu_name
+
     info: dict[str, Any] = {
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),

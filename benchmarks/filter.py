@@ -34,9 +34,7 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _kvpress  # noqa: E402
 from _common import machine_info, print_table, synchronize, write_json  # noqa: E402
 
 log = logging.getLogger("benchmarks.filter")
@@ -58,44 +57,25 @@ PAPER_RATIO = 13 / 32
 
 def kvpress_worker(folder: str, window: int, kernel: int, ratio: float) -> None:
     """Run kvpress's SnapKVPress on the saved model and prompts; write per-layer scores and indices."""
-    import importlib.metadata
-
-    import transformers
     from kvpress import SnapKVPress
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
     folder_path = Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder_path / "model", attn_implementation="sdpa").eval()
+    model = _kvpress.load_model(folder_path)
     prompts = torch.load(folder_path / "prompts.pt")
-    records: list[dict[int, dict[str, Any]]] = []
-
-    class Recording(SnapKVPress):
-        def compress(self, module, hidden_states, keys, values, attentions, kwargs):  # noqa: ANN001
-            scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-            n_kept = int(keys.shape[2] * (1 - self.compression_ratio))
-            indices = scores.topk(max(1, n_kept), dim=-1).indices
-            records[-1][module.layer_idx] = {"scores": scores[0].float(), "indices": indices[0].sort(-1).values}
-            return super().compress(module, hidden_states, keys, values, attentions, kwargs)
-
-    press = Recording(compression_ratio=ratio, window_size=window, kernel_size=kernel)
+    press = _kvpress.recording(SnapKVPress)(compression_ratio=ratio, window_size=window, kernel_size=kernel)
+    press.records = []
     seconds = []
     with torch.no_grad():
         model(prompts[:1])  # warm-up: first-call costs stay out of the timings
     for row in prompts:
-        records.append({})
+        press.records.append({})
         with torch.no_grad(), press(model):
             start = time.perf_counter()
             model(row[None], past_key_values=DynamicCache())
             seconds.append(time.perf_counter() - start)
-    torch.save(
-        {
-            "records": records,
-            "prefill_seconds": seconds,
-            "versions": {"kvpress": importlib.metadata.version("kvpress"),
-                         "transformers": str(transformers.__version__), "torch": str(torch.__version__)},
-        },
-        folder_path / "kvpress.pt",
-    )
+    payload = {"records": press.records, "prefill_seconds": seconds, "versions": _kvpress.versions()}
+    torch.save(payload, folder_path / "kvpress.pt")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,10 +323,9 @@ def speed(device: torch.device, lengths: list[int], repeats: int, topk: int = 10
 def kvpress_compare(python: str, device: torch.device, length: int, budget: int, prompts: int = 2,
                     window: int = 32, kernel: int = 5) -> dict[str, Any]:  # fmt: skip
     """Our SnapKV vs kvpress's SnapKVPress on the speed model (CPU) and the same random prompts."""
-    from dataclasses import dataclass
 
     from llmsys.cache import PagedCache
-    from llmsys.kv import SnapKV, snapkv_scores
+    from llmsys.kv import SnapKV
     from llmsys.models import forward
 
     if not Path(python).exists():
@@ -354,24 +333,13 @@ def kvpress_compare(python: str, device: torch.device, length: int, budget: int,
     model = speed_model(torch.device("cpu"))
     ids = torch.randint(3, model.config.vocab_size, (prompts, length), generator=torch.Generator().manual_seed(1))
     ratio = 1 - budget / length
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(Path(tmp) / "model")
-        torch.save(ids, Path(tmp) / "prompts.pt")
-        cmd = [python, str(Path(__file__).resolve()), "--kvpress-worker", tmp, "--kvpress-window", str(window),
-               "--kvpress-kernel", str(kernel), "--kvpress-ratio", repr(ratio)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ""})
-        if done.returncode != 0:
-            return {"status": "failed", "command": " ".join(cmd), "stderr": done.stderr[-3000:]}
-        theirs = torch.load(Path(tmp) / "kvpress.pt")
+    theirs = _kvpress.run_worker(
+        __file__, python, model, lambda folder: torch.save(ids, folder / "prompts.pt"), window, kernel, ratio
+    )
+    if theirs.get("status") == "failed":
+        return theirs
 
-    @dataclass
-    class Recording(SnapKV):  # our SnapKV, remembering its scores for the comparison
-        def compact(self, layer, step):  # noqa: ANN001
-            if step.is_prefill and layer.length > self.budget:
-                w = min(self.window, step.query_length, self.budget)
-                keys, _ = layer.to_dense()
-                layer.policy_state["scores"] = snapkv_scores(step.queries[:, :, -w:], keys, self.kernel)[0]
-            super().compact(layer, step)
+    Recording = _kvpress.recording_snapkv()
 
     n_kept = theirs["records"][0][0]["indices"].shape[-1]
     with PagedCache.from_model(model, policy=SnapKV(budget=n_kept)) as cache, torch.no_grad():
@@ -490,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per speed measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--update", action="store_true", help="keep the other parts' results already in --out")
-    parser.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress/bin/python"))
-    parser.add_argument("--kvpress-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-window", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-kernel", type=int, default=5, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-ratio", type=float, default=0.75, help=argparse.SUPPRESS)
+    _kvpress.add_arguments(parser, ratio=0.75)
     args = parser.parse_args(argv)
     if args.kvpress_worker:
         kvpress_worker(args.kvpress_worker, args.kvpress_window, args.kvpress_kernel, args.kvpress_ratio)

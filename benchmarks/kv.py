@@ -32,13 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, kv_speed (imported in main: the
 # kvpress worker runs this file in the kvpress environment, which has no llmsys)
+import _kvpress  # noqa: E402  (imports no llmsys: the kvpress worker uses it too)
 
 log = logging.getLogger("benchmarks.kv")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,32 +57,16 @@ SINKS = 4
 
 def kvpress_worker(folder: str, window: int, kernel: int, ratio: float) -> None:
     """StreamingLLMPress and SnapKVPress on the saved model and contexts: kept indices per head, answers."""
-    import importlib.metadata
-
-    import transformers
     from kvpress import SnapKVPress, StreamingLLMPress
-    from kvpress.utils import compute_n_kept
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
     folder_path = Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder_path / "model", attn_implementation="sdpa").eval()
+    model = _kvpress.load_model(folder_path)
     data = torch.load(folder_path / "prompts.pt")
     out: dict[str, Any] = {}
-
-    def recording(base: type) -> type:
-        class Recording(base):  # type: ignore[misc, valid-type]
-            def compress(self, module, hidden_states, keys, values, attentions, kwargs):  # noqa: ANN001
-                scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-                n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
-                kept = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
-                self.records[-1][module.layer_idx] = {"scores": scores[0].float(), "indices": kept[0]}
-                return super().compress(module, hidden_states, keys, values, attentions, kwargs)
-
-        return Recording
-
     presses = {
-        "streamingllm": recording(StreamingLLMPress)(compression_ratio=ratio, n_sink=4),
-        "snapkv": recording(SnapKVPress)(compression_ratio=ratio, window_size=window, kernel_size=kernel),
+        "streamingllm": _kvpress.recording(StreamingLLMPress)(compression_ratio=ratio, n_sink=4),
+        "snapkv": _kvpress.recording(SnapKVPress)(compression_ratio=ratio, window_size=window, kernel_size=kernel),
     }
     for name, press in presses.items():
         press.records = []
@@ -101,8 +82,7 @@ def kvpress_worker(folder: str, window: int, kernel: int, ratio: float) -> None:
                 logits = model(question[None], past_key_values=cache, position_ids=positions).logits
             answers.append(int(logits[0, -1].argmax()))
         out[name] = {"records": press.records, "answers": answers}
-    out["versions"] = {"kvpress": importlib.metadata.version("kvpress"),
-                       "transformers": str(transformers.__version__), "torch": str(torch.__version__)}  # fmt: skip
+    out["versions"] = _kvpress.versions()
     torch.save(out, folder_path / "kvpress.pt")
 
 
@@ -236,7 +216,7 @@ def kvpress_compare(python: str, model: Any, length: int, budget: int, depths: l
     """Our StreamingLLM and SnapKV against kvpress's presses: same model, contexts and budget."""
     from llmsys.cache import PagedCache
     from llmsys.eval import REFERENCE_VOCAB, NeedleTask
-    from llmsys.kv import SnapKV, StreamingLLM, snapkv_scores
+    from llmsys.kv import StreamingLLM
     from llmsys.models import forward
 
     if not Path(python).exists():
@@ -248,29 +228,19 @@ def kvpress_compare(python: str, model: Any, length: int, budget: int, depths: l
     if not bool((questions[:, 0] == REFERENCE_VOCAB.Q).all()):
         raise RuntimeError("NeedleTask no longer ends with a 2-token question; update kvpress_compare")
     ratio = 1 - budget / length
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(Path(tmp) / "model")
-        torch.save({"contexts": contexts, "questions": questions}, Path(tmp) / "prompts.pt")
-        cmd = [python, str(Path(__file__).resolve()), "--kvpress-worker", tmp, "--kvpress-window", str(window),
-               "--kvpress-kernel", str(kernel), "--kvpress-ratio", repr(ratio)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ""})
-        if done.returncode != 0:
-            return {"status": "failed", "command": " ".join(cmd), "stderr": done.stderr[-3000:]}
-        theirs = torch.load(Path(tmp) / "kvpress.pt")
+
+    def save_prompts(folder: Path) -> None:
+        torch.save({"contexts": contexts, "questions": questions}, folder / "prompts.pt")
+
+    theirs = _kvpress.run_worker(__file__, python, model, save_prompts, window, kernel, ratio)
+    if theirs.get("status") == "failed":
+        return theirs
 
     answers = [s.answer[0] for s in samples]
     result: dict[str, Any] = {"status": "ok", "versions": theirs.pop("versions"), "context_length": length,
                               "budget": budget, "window": window, "kernel": kernel, "sinks": 4,
                               "prompts": len(samples), "depths": depths}  # fmt: skip
-    @dataclass
-    class RecordingSnapKV(SnapKV):  # our SnapKV, remembering the scores it ranked
-        def compact(self, layer: Any, step: Any) -> None:
-            if step.is_prefill and layer.length > self.budget:
-                keys, _ = layer.to_dense()
-                queries = step.queries[:, :, -min(self.window, step.query_length, self.budget) :]
-                layer.policy_state["scores"] = snapkv_scores(queries, keys, self.kernel)[0]
-            super().compact(layer, step)
-
+    RecordingSnapKV = _kvpress.recording_snapkv()
     policies = {"streamingllm": StreamingLLM(budget=budget, sinks=4),
                 "snapkv": RecordingSnapKV(budget=budget, window=window, kernel=kernel)}  # fmt: skip
     for name, policy in policies.items():
@@ -434,11 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", action="store_true", help="keep the other parts' results already in --out")
     parser.add_argument("--policies", default=None,
                         help="policies to (re)measure, comma list; with --update the others come from --out")
-    parser.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress/bin/python"))
-    parser.add_argument("--kvpress-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-window", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-kernel", type=int, default=5, help=argparse.SUPPRESS)
-    parser.add_argument("--kvpress-ratio", type=float, default=0.875, help=argparse.SUPPRESS)
+    _kvpress.add_arguments(parser, ratio=0.875)
     args = parser.parse_args(argv)
     if args.kvpress_worker:
         kvpress_worker(args.kvpress_worker, args.kvpress_window, args.kvpress_kernel, args.kvpress_ratio)
