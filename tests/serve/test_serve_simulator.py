@@ -200,3 +200,22 @@ def test_max_rate_under_slo_brackets_the_knee():
     assert 0.5 <= rate < 100.0
     assert not simulate(ChunkedPrefill(), workload(100.0)).metrics.meets_slo()
     assert simulate(ChunkedPrefill(), workload(rate)).metrics.meets_slo()
+
+
+def test_max_num_seqs_defaults_to_vllms_rule_for_the_device():
+    from dataclasses import replace
+
+    from llmsys.serve import default_profile
+
+    h100 = default_profile()
+    assert h100.default_max_num_seqs() == 1024  # vLLM v1 on GPUs of >= 70 GiB
+    assert replace(h100, device="A100 SXM 80GB").default_max_num_seqs() == 256  # vLLM excludes the A100
+    assert replace(h100, memory_bytes=40e9).default_max_num_seqs() == 256
+    assert fit_cpu_profile(_fake_samples(), _shape(tiny_model("llama"))).default_max_num_seqs() == 256
+    # the cap really binds: with 8 seats, the 9th of 16 simultaneous requests starts after one finishes
+    burst = [WorkloadRequest(0.0, 32, 16) for _ in range(16)]
+    capped = simulate("chunked", burst, max_num_seqs=8).records
+    first_finish = min(r.finish_time for r in capped)
+    assert sum(r.first_token_time >= first_finish for r in capped) == 8
+    free = simulate("chunked", burst).records  # default: 1024 seats, nobody waits for a seat
+    assert all(r.first_token_time < min(r.finish_time for r in free) for r in free)

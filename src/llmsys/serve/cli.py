@@ -45,6 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--ttft-slo", type=float, default=1.0, help="seconds")
     sim.add_argument("--tbt-slo", type=float, default=0.1, help="seconds")
     sim.add_argument("--token-budget", type=int, default=2048, help="chunked prefill's token budget")
+    sim.add_argument("--max-num-seqs", type=int, default=None,
+                     help="requests admitted at once (default: vLLM's for the profile's device, 1024 on an H100)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true")
 
@@ -133,7 +135,8 @@ def _simulate(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         res = simulate(
-            factories[name](), workload, cost, ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, num_pages=num_pages
+            factories[name](), workload, cost, ttft_slo=args.ttft_slo, tbt_slo=args.tbt_slo, num_pages=num_pages,
+            max_num_seqs=args.max_num_seqs,
         )
         m = res.metrics
         rows.append({"scheduler": name, **m.row()})

@@ -180,6 +180,13 @@ class Profile:
         free = usable * self.memory_bytes - self.model.weight_bytes
         return max(0, int(free // self.model.kv_bytes_per_token)) if self.memory_bytes else 0
 
+    def default_max_num_seqs(self) -> int:
+        """How many requests an engine on this device admits at once, by vLLM's rule (v1 engine
+        defaults): 1024 on GPUs with at least 70 GiB (H100, H200, MI300X; vLLM excludes the A100,
+        on which it measured a regression), 256 elsewhere and when the memory is unknown."""
+        big = self.concurrent and self.memory_bytes >= 70 * 2**30 and "a100" not in self.device.lower()
+        return 1024 if big else 256
+
     def with_model(self, model: ModelShape) -> Profile:
         """The same hardware applied to another model shape."""
         return replace(self, model=model)

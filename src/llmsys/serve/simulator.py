@@ -77,14 +77,16 @@ def simulate(
     *,
     page_size: int = 16,
     num_pages: int | None = None,
-    max_num_seqs: int = 256,
+    max_num_seqs: int | None = None,
     ttft_slo: float = 1.0,
     tbt_slo: float = 0.1,
     concurrent: bool | None = None,
 ) -> SimulationResult:
     """Run `workload` through `scheduler` on the cost model of `profile` (default: `default_profile()`).
 
-    `num_pages` defaults to the KV capacity of the profile's device (`Profile.kv_capacity_tokens`).
+    `num_pages` defaults to the KV capacity of the profile's device (`Profile.kv_capacity_tokens`),
+    `max_num_seqs` to vLLM's default for that device (`Profile.default_max_num_seqs`: 1024 on an
+    H100-class GPU, 256 otherwise).
     """
     cost = _as_cost_model(profile)
     sched = make_scheduler(scheduler)
@@ -96,6 +98,8 @@ def simulate(
                 f"profile {prof.name!r} does not know the device memory: pass num_pages= to simulate()"
             )
         num_pages = capacity // page_size
+    if max_num_seqs is None:
+        max_num_seqs = prof.default_max_num_seqs()
     concurrent = prof.concurrent if concurrent is None else concurrent
     core = ServingCore(
         sched, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs, concurrent=concurrent
