@@ -3,11 +3,19 @@
 Everything that knows how a transformers model is put together lives here: where the decoder layers
 and attention modules are, how post-RoPE queries and keys are computed for each family, what the
 attention modules receive as keyword arguments, where MoE routers and experts live (and how to keep
-only some experts in memory), and which name the cache argument has in the installed transformers
-version. Plug-ins go through these helpers, so a rename in transformers changes this package only.
+only some experts in memory, or read only some from a checkpoint), and which name the cache argument
+has in the installed transformers version. Plug-ins go through these helpers, so a rename in
+transformers changes this package only.
 """
 
 from llmsys.models.attention import register_attention_function, sliding_window_of, use_attention
+from llmsys.models.checkpoint import (
+    CheckpointRead,
+    UnsupportedCheckpointError,
+    checkpoint_files,
+    empty_model,
+    load_held_experts,
+)
 from llmsys.models.compat import (
     CACHE_KWARG,
     TRANSFORMERS_VERSION,
@@ -21,6 +29,7 @@ from llmsys.models.experts import (
     expert_parameter_bytes,
     held_experts,
     num_global_experts,
+    set_held_experts,
     shard_experts,
 )
 from llmsys.models.families import (
@@ -58,15 +67,19 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "TRANSFORMERS_VERSION",
     "AttentionCall",
+    "CheckpointRead",
     "MoEBlock",
     "NotHeldExpertError",
+    "UnsupportedCheckpointError",
     "UnsupportedModelError",
     "apply_rope",
     "attention_modules",
     "base_model",
     "cache_kwargs",
+    "checkpoint_files",
     "decoder_layers",
     "embed_tokens",
+    "empty_model",
     "expert_parameter_bytes",
     "family_of",
     "final_norm",
@@ -76,6 +89,7 @@ __all__ = [
     "is_moe",
     "kv_heads",
     "lm_head",
+    "load_held_experts",
     "moe_blocks",
     "num_global_experts",
     "output_cache",
@@ -86,6 +100,7 @@ __all__ = [
     "register_attention_function",
     "rope_inv_freq",
     "rotary_embedding",
+    "set_held_experts",
     "shard_experts",
     "sliding_window_of",
     "use_attention",

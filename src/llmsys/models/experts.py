@@ -19,7 +19,7 @@ A module whose layout is not the fused one raises `UnsupportedModelError` naming
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -151,6 +151,11 @@ def shard_experts(experts: nn.Module, keep: Sequence[int]) -> None:
             local = full.index_select(0, rows.to(full.device))
             setattr(experts, name, nn.Parameter(local, requires_grad=full.requires_grad))
             del full
+    _mark_held(experts, keep, num_global)
+
+
+def _mark_held(experts: nn.Module, keep: Sequence[int], num_global: int) -> None:
+    """Record that `experts`' parameters now hold the rows of `keep` (in that order) out of `num_global`."""
     experts.num_experts = len(keep)
     experts.__dict__[_HELD] = tuple(keep)
     experts.__dict__[_GLOBAL] = num_global
@@ -160,3 +165,32 @@ def shard_experts(experts: nn.Module, keep: Sequence[int]) -> None:
     else:
         wrapper = experts.__dict__[_WRAPPER] = _GlobalIdForward(experts.forward, keep, num_global, _describe(experts))
         experts.forward = wrapper
+
+
+def set_held_experts(experts: nn.Module, keep: Sequence[int], rows: Mapping[str, torch.Tensor]) -> None:
+    """Give an UNSHARDED experts module exactly the rows of logical experts `keep`, read elsewhere.
+
+    The loader's counterpart of `shard_experts`: instead of cutting rows out of full tensors, it takes,
+    for every fused per-expert parameter `name`, a tensor `rows[name]` of shape
+    `[len(keep), *parameter.shape[1:]]` (row i = expert keep[i]; the parameter may live on the meta
+    device) and leaves the module exactly as `shard_experts(experts, keep)` would have left it after
+    a full load (same parameters, `num_experts`, global-id forward, `held_experts`). Keeping every
+    expert in order leaves the module unsharded, as `shard_experts` does.
+    """
+    names = _per_expert_parameters(experts)
+    if experts.__dict__.get(_HELD) is not None:
+        raise ValueError(f"{_describe(experts)} is already sharded: set_held_experts needs an unsharded module")
+    num_global = experts.num_experts
+    keep = [int(e) for e in keep]
+    if len(set(keep)) != len(keep) or any(not 0 <= e < num_global for e in keep):
+        raise ValueError(f"keep must list distinct experts in 0..{num_global - 1}, got {keep}")
+    if set(rows) != set(names):
+        raise ValueError(f"rows must give exactly the parameters {names} of {_describe(experts)}, got {sorted(rows)}")
+    for name in names:
+        current, local = getattr(experts, name), rows[name]
+        want = (len(keep), *current.shape[1:])
+        if tuple(local.shape) != want:
+            raise ValueError(f"{_describe(experts)}.{name}: rows of shape {tuple(local.shape)}, expected {want}")
+        setattr(experts, name, nn.Parameter(local, requires_grad=current.requires_grad))
+    if keep != list(range(num_global)):
+        _mark_held(experts, keep, num_global)

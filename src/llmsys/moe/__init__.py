@@ -10,8 +10,9 @@
     to_sglang(placement, "placement.json")       # 4. deploy (--init-expert-location)
 
 Also: baselines (`Contiguous`, `RoundRobin`, `EPLBGreedy`), expert-parallel execution over
-torch.distributed (`ExpertParallel`, `launch`), vLLM / SGLang trace importers and exporters, and
-synthetic traces at real shapes. See docs/moe.md.
+torch.distributed (`ExpertParallel`, `launch`; `load_expert_parallel` reads only a rank's experts
+from a checkpoint), vLLM / SGLang trace importers and exporters, and synthetic traces at real
+shapes. See docs/moe.md.
 """
 
 from llmsys.moe.errors import InfeasiblePlacementError, PlacementConstraintError, PlacementError, TraceError
@@ -36,8 +37,17 @@ from llmsys.moe.export import (
     to_vllm_ascend,
     vllm_eplb_state,
 )
+from llmsys.moe.load import load_expert_parallel
 from llmsys.moe.moetuner import MoETuner
-from llmsys.moe.parallel import CommStats, EPCase, EPCheck, ExpertParallel, check_expert_parallel, launch
+from llmsys.moe.parallel import (
+    CommStats,
+    EPCase,
+    EPCheck,
+    ExpertParallel,
+    check_expert_parallel,
+    launch,
+    rank_experts,
+)
 from llmsys.moe.placement import Placement, Topology, load_placement, placement_from_assignment
 from llmsys.moe.solvers import Contiguous, EPLBGreedy, RoundRobin, balanced_packing, replicate
 from llmsys.moe.trace import (
@@ -89,12 +99,14 @@ __all__ = [
     "evaluate",
     "export",
     "launch",
+    "load_expert_parallel",
     "load_placement",
     "load_trace",
     "pad_with_replicas",
     "placement_from_assignment",
     "plot_reports",
     "predict_ep_bytes",
+    "rank_experts",
     "replicate",
     "synthetic_shape_trace",
     "synthetic_trace",

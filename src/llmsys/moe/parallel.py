@@ -27,8 +27,9 @@ that needs an expert this rank released raises `PlacementConstraintError`. Outsi
 sharded experts module raises `llmsys.models.NotHeldExpertError` as soon as a token is routed to an
 expert it does not hold (it never computes with missing weights): reload the model to run it
 single-process. `CommStats` records the expert-parameter bytes the rank held on entry and holds after
-sharding. The model is loaded whole first (then sharded), so peak memory on entry is still the full
-model's; a deployment would load only the local rows from the checkpoint.
+sharding. A model loaded whole and sharded on entry peaks at the full model's memory; one loaded with
+`llmsys.moe.load_expert_parallel` (only this rank's experts read from the checkpoint) arrives already
+sharded, and entering reuses its rows.
 """
 
 from __future__ import annotations
@@ -180,6 +181,17 @@ class _Dispatcher:
         return out
 
 
+def rank_experts(placement: Placement, rank: int) -> list[list[int]]:
+    """Per MoE layer: the distinct logical experts of `rank`'s slots, sorted — the rows rank `rank`
+    keeps under `ExpertParallel(placement)` (replicas included, a repeat on one rank once, empty
+    slots nothing)."""
+    if not 0 <= rank < placement.num_gpus:
+        raise PlacementConstraintError(f"rank {rank} is outside the placement's {placement.num_gpus} GPUs")
+    n = placement.slots_per_gpu
+    slots = placement.phy2log[:, rank * n : (rank + 1) * n]
+    return [sorted({int(e) for e in row if e >= 0}) for row in slots]
+
+
 class _Session:
     """What `ExpertParallel(...)(model)` returns: a context manager that patches and restores."""
 
@@ -210,11 +222,8 @@ class _Session:
                 f"{len(blocks)} x {blocks[0].num_experts if blocks else 0}: solve it from this model's trace"
             )
         # check every layer before releasing anything: a refused placement leaves the model as it was
-        n = p.slots_per_gpu
-        keeps = []
-        for i, block in enumerate(blocks):
-            slots = p.phy2log[i, self.rank * n : (self.rank + 1) * n]
-            keep = sorted({int(e) for e in slots if e >= 0})
+        keeps = rank_experts(p, self.rank)
+        for i, (block, keep) in enumerate(zip(blocks, keeps)):
             held = held_experts(block.experts)  # UnsupportedModelError for a layout it cannot shard
             missing = sorted(set(keep) - set(held))
             if missing:
@@ -223,7 +232,6 @@ class _Session:
                     f"but the placement puts experts {missing} here too; released weights cannot come back: "
                     "reload the model, or re-enter with the placement it was sharded for"
                 )
-            keeps.append(keep)
         self.stats = CommStats(self.rank, self.world_size)
         self.stats.entry_expert_bytes = sum(expert_parameter_bytes(b.experts) for b in blocks)
         for block, keep in zip(blocks, keeps):
@@ -331,13 +339,17 @@ def launch(
 @dataclass
 class EPCase:
     """One tiny-model check: `family` (llmsys.testing.tiny_model), a placement, and the full batch
-    `input_ids [B, T]` (B divisible by the world size; rank r gets sequences r*B/G .. (r+1)*B/G)."""
+    `input_ids [B, T]` (B divisible by the world size; rank r gets sequences r*B/G .. (r+1)*B/G).
+    With `checkpoint`, the model is read from that directory instead (eager attention)."""
 
     family: str
     placement: Placement
     input_ids: torch.Tensor
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    # a local safetensors checkpoint (e.g. the tiny model's save_pretrained): each rank then loads only
+    # its experts with `load_expert_parallel`, and the reference is `from_pretrained` of the same path
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -356,6 +368,8 @@ class EPCheck:
     reentry_diff: float = 0.0  # a second `with` on the sharded model vs the first: reuses the shards
     # per rank: the error raised when the sharded model runs outside the context (None: it ran)
     outside_errors: list[str | None] = field(default_factory=list)
+    # per rank, for a case with a checkpoint: routed-expert bytes `load_expert_parallel` read from disk
+    expert_bytes_read: list[int] = field(default_factory=list)
 
     @property
     def bytes_match(self) -> bool:
@@ -377,7 +391,19 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
 
     out = []
     for case in cases:
-        model = tiny_model(case.family, seed=case.seed, **case.config)
+        read = None
+        if case.checkpoint is None:
+            model = tiny_model(case.family, seed=case.seed, **case.config)
+            reference_model = model
+        else:  # the single-process reference loads whole; the EP model only this rank's experts
+            from transformers import AutoModelForCausalLM
+
+            from llmsys.moe.load import load_expert_parallel
+
+            reference_model = AutoModelForCausalLM.from_pretrained(case.checkpoint, attn_implementation="eager")
+            model, read = load_expert_parallel(
+                case.checkpoint, case.placement, rank, attn_implementation="eager", output_loading_info=True
+            )
         ids = case.input_ids
         B = ids.shape[0]
         if B % world_size:
@@ -385,13 +411,15 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
         lo, hi = rank * B // world_size, (rank + 1) * B // world_size
         n = case.placement.slots_per_gpu
         expected = 0
-        for layer, block in enumerate(moe_blocks(model)):
+        for layer, block in enumerate(moe_blocks(reference_model)):
             mine = {int(e) for e in case.placement.phy2log[layer, rank * n : (rank + 1) * n] if e >= 0}
             expected += len(mine) * expert_parameter_bytes(block.experts) // block.num_experts
         with torch.no_grad():
-            with RoutingRecorder(model) as rec:
-                reference = forward(model, ids).logits  # the single-process model on the full batch
+            with RoutingRecorder(reference_model) as rec:
+                reference = forward(reference_model, ids).logits  # the single-process model on the full batch
             trace = rec.trace()
+            if reference_model is not model:
+                del reference_model
             with ExpertParallel(case.placement)(model) as stats:
                 logits = forward(model, ids[lo:hi]).logits
             with ExpertParallel(case.placement)(model):  # the same placement again: shards reused
@@ -420,6 +448,7 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
                 "held": stats.held_experts,
                 "reentry_diff": float((again - logits).abs().max()),
                 "outside": outside,
+                "expert_bytes_read": None if read is None else read.expert_bytes_read,
             }
         )
     return out
@@ -445,6 +474,7 @@ def check_expert_parallel(cases: list[EPCase], world_size: int) -> list[EPCheck]
                 held_experts=[r["held"] for r in per_rank],
                 reentry_diff=max(r["reentry_diff"] for r in per_rank),
                 outside_errors=[r["outside"] for r in per_rank],
+                expert_bytes_read=[r["expert_bytes_read"] for r in per_rank if r["expert_bytes_read"] is not None],
             )
         )
     return checks
