@@ -11,8 +11,15 @@
    whole process (weights, optimizer state, activations, Python, torch, transformers, bitsandbytes,
    PEFT - every worker imports all of them first) and
    ``peak_minus_import`` subtracts the RSS measured right after the imports, before the model exists
-   (interpreter + libraries: the part a GPU's ``max_memory_allocated`` would not count either). On
-   CUDA the worker reports ``torch.cuda.max_memory_allocated`` instead. Methods: QZO on NF4
+   (interpreter + libraries: the part a GPU's ``max_memory_allocated`` would not count either).
+   ``peak_allocated_bytes`` is the CPU analogue of ``torch.cuda.max_memory_allocated``: the peak of
+   live tensor bytes during the training steps, from torch's CPU allocator events (the profiler with
+   ``profile_memory=True``, `AllocTracker`), counted from after the imports; it is measured in a
+   second process per method, so the profiler's own memory never enters the RSS numbers, and comes
+   with a breakdown: the model's tensors by component and the blocks alive at the peak by the module
+   and op that allocated them. On CUDA the worker reports ``torch.cuda.max_memory_allocated``
+   instead. The loss is llmsys.qzo's default (`causal_lm_loss`: no KV cache; without autograd no
+   float32 copies of the logits); ``--model-loss`` uses the model's own. Methods: QZO on NF4
    (bitsandbytes) and on llmsys int4 (group 128), MeZO in bf16 and fp32, SGD and AdamW full
    fine-tuning in bf16 and fp32, LoRA (r=8, all linear layers) in bf16. CPUs train in bf16 where a
    GPU would use fp16; fp32 AdamW holds 16 bytes per parameter, the same as mixed-precision AdamW
@@ -41,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +94,254 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_worker(method: str, size: str, steps: int, seq: int, batch: int) -> dict[str, Any]:
+# -- live tensor bytes on CPU: the analogue of torch.cuda.max_memory_allocated ---------------------
+
+
+class AllocTracker:
+    """Peak *live tensor bytes* on CPU, the analogue of ``torch.cuda.max_memory_allocated``.
+
+    torch's profiler with ``profile_memory=True`` makes torch's CPU allocator report every allocation
+    and free it serves while profiling (``[memory]`` events: address, bytes, and the running
+    "Total Allocated" kept under the allocator's lock). So the counter covers every tensor storage
+    (model, optimizer state, activations, temporaries inside C++ kernels, bitsandbytes' outputs) and
+    nothing else: no interpreter, no library code, no malloc slack or fragmentation - like the GPU
+    counter. It starts at 0 when profiling starts (blocks allocated before are not counted, and their
+    frees are ignored), so start the tracker before the model is built: everything after the imports.
+
+    Use ``with tracker.region("train"):`` to mark a phase; `summary` gives the live bytes when the
+    region began and the peak inside it; `live_at_peak` the blocks alive at that peak, each labelled
+    with the innermost region (``annotate_modules`` adds one per module call) and the op that
+    allocated it. Cost: one event per op and per allocation (a few MB of host memory for a training
+    run; the per-op overhead is microseconds).
+    """
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._hooks: list[Any] = []
+        self.memory: list[tuple[float, int, int, int, int]] = []  # (ts us, total, bytes, addr, tid)
+        self.spans: list[tuple[float, float, str, int, bool]] = []  # (start, end, name, tid, user region)
+
+    def __enter__(self) -> AllocTracker:
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._prof.__exit__(*exc)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            self._prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
+        for e in events:
+            if e.get("name") == "[memory]":
+                a = e["args"]
+                if a.get("Device Type", 0) == 0:  # CPU
+                    self.memory.append((float(e["ts"]), int(a["Total Allocated"]), int(a["Bytes"]),
+                                        int(a["Addr"]), int(e.get("tid", 0))))
+            elif e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+                ts = float(e["ts"])
+                self.spans.append((ts, ts + float(e.get("dur", 0)), e["name"], int(e.get("tid", 0)),
+                                   e["cat"] == "user_annotation"))
+        self.memory.sort(key=lambda m: m[0])
+        # the allocator's counter lives as long as the process: it starts where an earlier profiling session
+        # left it, and frees of blocks that session allocated still subtract. Count this session's blocks only.
+        if self.memory:
+            offset = self.memory[0][1] - self.memory[0][2]
+            mine: set[int] = set()
+            foreign = 0
+            fixed = []
+            for ts, total, nbytes, addr, tid in self.memory:
+                if nbytes > 0:
+                    mine.add(addr)
+                elif addr in mine:
+                    mine.discard(addr)
+                else:
+                    foreign -= nbytes
+                    continue
+                fixed.append((ts, total - offset + foreign, nbytes, addr, tid))
+            self.memory = fixed
+        self.spans.sort(key=lambda s: (s[0], -s[1]))
+
+    @staticmethod
+    def region(name: str):
+        return torch.profiler.record_function(name)
+
+    def annotate_modules(self, model: nn.Module) -> None:
+        """Mark every module call as a region named after the module, so allocations can be traced to it."""
+        stack: list[Any] = []
+
+        def pre(name: str):
+            def hook(module, args):
+                rf = torch.profiler.record_function(f"module:{name or 'model'}")
+                rf.__enter__()
+                stack.append(rf)
+            return hook
+
+        def post(module, args, output):
+            if stack:
+                stack.pop().__exit__(None, None, None)
+
+        for name, module in model.named_modules():
+            self._hooks.append(module.register_forward_pre_hook(pre(name)))
+            self._hooks.append(module.register_forward_hook(post))
+
+    def _span(self, name: str) -> tuple[float, float]:
+        found = [(s, e) for s, e, n, _, user in self.spans if user and n == name]
+        if not found:
+            raise KeyError(f"no region {name!r} in the trace")
+        return found[0]
+
+    def summary(self, name: str) -> dict[str, int]:
+        """Live tensor bytes when region ``name`` began, at its peak, and when it ended."""
+        start, end = self._span(name)
+        before = [m[1] for m in self.memory if m[0] < start]
+        inside = [m[1] for m in self.memory if start <= m[0] <= end]
+        live_start = before[-1] if before else 0
+        return {"live_at_start": live_start, "peak": max([live_start, *inside]),
+                "live_at_end": (inside or [live_start])[-1]}
+
+    def live_at_peak(self, name: str) -> list[dict[str, Any]]:
+        """The blocks alive at the peak of region ``name``: bytes, when allocated, innermost region, op."""
+        start, end = self._span(name)
+        return self._live_at(self._peak_index([(start, end)]), start, end)
+
+    def peak_inside(self, match: Callable[[str], bool], within: str) -> tuple[int, list[dict[str, Any]]]:
+        """The highest live bytes while a region whose name ``match``es is open (inside region ``within``),
+        and the blocks alive then (as `live_at_peak`)."""
+        start, end = self._span(within)
+        spans = sorted((s, e) for s, e, n, _, user in self.spans if user and match(n) and s >= start and e <= end)
+        merged: list[tuple[float, float]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        i = self._peak_index(merged)
+        return (self.memory[i][1] if i >= 0 else 0), self._live_at(i, start, end)
+
+    def _peak_index(self, intervals: list[tuple[float, float]]) -> int:
+        best, j = -1, 0
+        for i, m in enumerate(self.memory):
+            while j < len(intervals) and intervals[j][1] < m[0]:
+                j += 1
+            if j == len(intervals):
+                break
+            if intervals[j][0] <= m[0] and (best < 0 or m[1] > self.memory[best][1]):
+                best = i
+        if best < 0 and intervals:  # nothing allocated or freed inside: the state when it began
+            best = sum(1 for m in self.memory if m[0] < intervals[0][0]) - 1
+        return best
+
+    def _live_at(self, index: int, start: float, end: float) -> list[dict[str, Any]]:
+        live: dict[int, tuple[float, int, int]] = {}
+        for ts, _, nbytes, addr, tid in self.memory[: index + 1]:
+            if nbytes > 0:
+                live[addr] = (ts, nbytes, tid)
+            else:
+                live.pop(addr, None)
+        spans = [s for s in self.spans if s[1] >= start and s[0] <= end]
+        blocks = []
+        for ts, nbytes, tid in live.values():
+            if ts < start:  # allocated before the region (the model, the inputs): not attributed here
+                blocks.append({"bytes": nbytes, "before_region": True, "region": None, "regions": [], "op": None,
+                               "outer_op": None})
+                continue
+            enclosing = [s for s in spans if s[3] == tid and s[0] <= ts <= s[1]]
+            regions = [s[2] for s in enclosing if s[4]]
+            ops = [s[2] for s in enclosing if not s[4]]
+            blocks.append({"bytes": nbytes, "before_region": False, "region": regions[-1] if regions else None,
+                           "regions": regions, "op": ops[-1] if ops else None, "outer_op": ops[0] if ops else None})
+        return sorted(blocks, key=lambda b: -b["bytes"])
+
+
+def tensor_components(model: nn.Module, opt: Any = None) -> dict[str, int]:
+    """Bytes of the tensors that exist before training, by component (each storage counted once)."""
+    from llmsys.qzo import Int4Linear
+    from llmsys.qzo.bnb import is_bnb_4bit
+
+    seen: set[int] = set()
+    parts: dict[str, int] = {}
+
+    def add(part: str, t: torch.Tensor | None) -> None:
+        if t is None or not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        if st.data_ptr() in seen or st.nbytes() == 0:
+            return
+        seen.add(st.data_ptr())
+        parts[part] = parts.get(part, 0) + st.nbytes()
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for m in model.modules():
+        if is_bnb_4bit(m):
+            qs = m.weight.quant_state
+            add("4-bit codes (bnb NF4, uint8 x2)", m.weight.data)
+            add("scales (bnb absmax, fp32, 1 per 64)", qs.absmax)
+            add("bnb NF4 code book", qs.code)
+        elif isinstance(m, Int4Linear):
+            add("4-bit codes (llmsys int4, uint8 x2)", m.codes)
+            add("scales (llmsys int4, 1 per 128)", m.scales)
+            add("zero points (llmsys int4, uint8)", m.zeros)
+    for name, p in model.named_parameters():
+        if embed is not None and p is embed.weight:
+            owner = "embeddings"
+        elif head is not None and p is head.weight:
+            owner = "head"
+        else:
+            owner = "LoRA adapters" if "lora_" in name else "norms" if "norm" in name else "other parameters"
+        add(f"{owner} ({str(p.dtype).replace('torch.', '')})", p)
+    for b in model.buffers():
+        add("buffers (rotary inv_freq, ...)", b)
+    return parts
+
+
+def alloc_report(tracker: AllocTracker, model: nn.Module, opt: Any, steps: int) -> dict[str, Any]:
+    """``peak_allocated_bytes`` and its breakdown: what existed before training, and what was alive at
+    the peak, grouped by the module (region) and op that allocated it."""
+    train = tracker.summary("train")
+    per_step = [tracker.summary(f"step{i}")["peak"] for i in range(steps)]
+
+    def by_origin(blocks: list[dict[str, Any]]) -> dict[str, int]:
+        groups: dict[str, int] = {}
+        for b in blocks:
+            if b["before_region"]:
+                key = "before training (model, inputs)"
+            else:
+                regions = [r for r in b["regions"] if r.startswith(("module:", "Optimizer"))]
+                where = regions[-1] if regions else (b["regions"][-1] if b["regions"] else "-")
+                key = f"{where} / {b['outer_op']}" + (f" > {b['op']}" if b["op"] != b["outer_op"] else "")
+            groups[key] = groups.get(key, 0) + b["bytes"]
+        return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+    # inside the decoder layers (attention, MLP; bitsandbytes / int4 dequantisation temporaries), the
+    # peak that the logits and the loss do not reach
+    layer_peak, layer_blocks = tracker.peak_inside(lambda n: n.startswith("module:") and ".layers." in n, "train")
+    step_of_peak = max(range(steps), key=lambda i: per_step[i])
+    return {
+        "peak_allocated_bytes": train["peak"],
+        "allocated_before_train_bytes": train["live_at_start"],
+        "allocated_after_train_bytes": train["live_at_end"],
+        "peak_allocated_per_step_bytes": per_step,
+        "peak_allocated_step": step_of_peak,
+        "model_tensor_bytes": tensor_components(model),
+        "live_at_peak_by_origin": by_origin(tracker.live_at_peak("train")),
+        "peak_allocated_in_layers_bytes": layer_peak,
+        "live_at_layer_peak_by_origin": by_origin(layer_blocks),
+        "allocated_measure": "torch profiler (profile_memory) CPU allocator events: live tensor bytes, counted "
+                             "from after the imports",
+    }
+
+
+def memory_worker(method: str, size: str, steps: int, seq: int, batch: int,
+                  track_alloc: bool = True, model_loss: bool = False) -> dict[str, Any]:
     """Build the model for ``method``, train ``steps`` steps, return peak memory and step times."""
-    from llmsys.qzo import QZO, MeZO, first_order, lora, quantize_bnb, quantize_int4
+    from llmsys.qzo import QZO, MeZO, causal_lm_loss, first_order, lora, quantize_bnb, quantize_int4
     from llmsys.testing import tiny_model
 
     # every worker imports the same libraries before the baseline RSS, so code size is the same for all
@@ -100,6 +353,10 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int) -> d
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     rss_import = _status_kb("VmRSS")
+    # live tensor bytes (CPU): counted from here on, so the model build is in the counter's baseline
+    tracker = AllocTracker() if track_alloc and not cuda else None
+    if tracker is not None:
+        tracker.__enter__()
     dtype = torch.float32 if method.endswith("fp32") else torch.bfloat16
     model = tiny_model(
         "llama", dtype=dtype, vocab_size=32000, num_key_value_heads=SIZES[size]["num_attention_heads"],
@@ -123,36 +380,50 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int) -> d
     if method.startswith(("qzo", "mezo")):
         model.requires_grad_(False)  # zeroth order: inference only, no autograd graph
     ids = torch.randint(3, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    if tracker is not None:
+        tracker.annotate_modules(model)
 
     def loss() -> torch.Tensor:
-        return model(input_ids=ids, labels=ids).loss
+        if model_loss:  # the model's own loss, as before: a KV cache and two float32 copies of the logits
+            return model(input_ids=ids, labels=ids).loss
+        # llmsys.qzo's default loss (train()): no KV cache; without autograd (QZO, MeZO) the same number
+        # computed without float32 copies of all the logits; with autograd the model's own loss
+        return causal_lm_loss(model, {"input_ids": ids, "labels": ids})
 
     reset_ok = _reset_peak() if not cuda else True
     rss_setup = _status_kb("VmRSS")  # after malloc_trim: the model, ready to train
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        if method.startswith(("qzo", "mezo")):
-            opt.step(loss)
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss().backward()
-            opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    with AllocTracker.region("train"):
+        for i in range(steps):
+            start = time.perf_counter()
+            with AllocTracker.region(f"step{i}"):
+                if method.startswith(("qzo", "mezo")):
+                    opt.step(loss)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss().backward()
+                    opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    if tracker is not None:
+        peak_vm = _status_kb("VmHWM")  # read before the trace is parsed (that needs memory of its own)
+        tracker.__exit__(None, None, None)
     out: dict[str, Any] = {
         "method": method, "size": size, "params": n_params, "steps": steps, "batch": batch, "seq": seq,
+        "loss": "model(input_ids, labels).loss" if model_loss else "llmsys.qzo.causal_lm_loss",
         "step_s": times, "median_step_s": statistics.median(times[1:] or times),
         "step_time_note": "median after the warm-up step" if steps > 1 else "the only step (includes warm-up)",
     }
     if cuda:
-        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_bytes"] = out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["measure"] = "torch.cuda.max_memory_allocated"
     else:
-        peak = _status_kb("VmHWM") if reset_ok else None
+        if tracker is not None:
+            out.update(alloc_report(tracker, model, opt, steps))
+        peak = (peak_vm if tracker is not None else _status_kb("VmHWM")) if reset_ok else None
         if peak is None:  # no resettable counter: lifetime peak (includes the model build)
             import resource
 
@@ -167,21 +438,42 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int) -> d
     return out
 
 
-def run_memory(size: str, steps: int, seq: int, batch: int, threads: int) -> list[dict[str, Any]]:
+def _worker(method: str, size: str, steps: int, seq: int, batch: int, threads: int, *flags: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--memory-worker", method, "--size", size, "--mem-steps", str(steps),
+           "--seq", str(seq), "--batch", str(batch), "--threads", str(threads), *flags]
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    if proc.returncode != 0:
+        print(f"[memory] {method} {' '.join(flags)} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"method": method, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["wall_s"] = time.perf_counter() - began
+    return row
+
+
+def run_memory(size: str, steps: int, seq: int, batch: int, threads: int, track_alloc: bool = True,
+               methods: list[str] | None = None, model_loss: bool = False) -> list[dict[str, Any]]:
+    """Per method: one process measures RSS (and step times) without the profiler, whose event buffers
+    would add to RSS; on CPU a second process measures peak allocated bytes under the profiler."""
     rows = []
-    for method in METHODS:
-        cmd = [sys.executable, __file__, "--memory-worker", method, "--size", size, "--mem-steps", str(steps),
-               "--seq", str(seq), "--batch", str(batch), "--threads", str(threads)]
-        began = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
-        if proc.returncode != 0:
-            print(f"[memory] {method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            rows.append({"method": method, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["wall_s"] = time.perf_counter() - began
-        print(f"[memory] {method}: peak {row['peak_bytes'] / 2**20:.0f} MiB, step {row['median_step_s']:.2f} s",
-              flush=True)
+    loss_flag = ["--model-loss"] if model_loss else []
+    for method in methods or METHODS:
+        row = _worker(method, size, steps, seq, batch, threads, "--no-alloc", *loss_flag)
+        if track_alloc and "error" not in row and "peak_allocated_bytes" not in row:  # CUDA reports it already
+            alloc = _worker(method, size, steps, seq, batch, threads, *loss_flag)
+            if "error" in alloc:
+                row["alloc_error"] = alloc["error"]
+            else:
+                row.update({k: v for k, v in alloc.items()
+                            if "alloc" in k or k in ("model_tensor_bytes", "live_at_peak_by_origin",
+                                                      "live_at_layer_peak_by_origin")})
+                row["alloc_run"] = {"step_s": alloc["step_s"], "peak_rss_bytes": alloc["peak_bytes"],
+                                    "wall_s": alloc["wall_s"]}
+        if "error" not in row:
+            alloc_b = row.get("peak_allocated_bytes")
+            print(f"[memory] {method}: peak {row['peak_bytes'] / 2**20:.0f} MiB"
+                  + (f", peak allocated {alloc_b / 2**20:.0f} MiB" if alloc_b is not None else "")
+                  + f", step {row['median_step_s']:.2f} s", flush=True)
         rows.append(row)
     return rows
 
@@ -362,6 +654,9 @@ def plots(out: Path, memory: list[dict[str, Any]], learning: dict[str, Any] | No
         if all("peak_minus_import_bytes" in r for r in ok):
             ax.bar(names, [r["peak_minus_import_bytes"] / 2**30 for r in ok], label="peak - RSS after imports",
                    color="#3182bd", width=0.5)
+        if all("peak_allocated_bytes" in r for r in ok):
+            ax.bar(names, [r["peak_allocated_bytes"] / 2**30 for r in ok], color="#08306b", width=0.25,
+                   label="peak allocated (live tensor bytes)")
         ax.set_ylabel("GiB")
         ax.set_title(f"Peak memory while training, {ok[0]['params'] / 1e6:.0f}M-parameter Llama\n{title}",
                      fontsize=9)
@@ -437,6 +732,13 @@ def summarize(memory: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_mem_ratio_vs_mezo_bf16": ratio("mezo_bf16", "qzo_nf4"),
         "peak_mem_ratio_vs_mezo_bf16_minus_import": ratio("mezo_bf16", "qzo_nf4", "peak_minus_import_bytes"),
         "peak_mem_ratio_vs_sgd_bf16": ratio("sgd_bf16", "qzo_nf4"),
+        # live tensor bytes (CPU: profiler allocator events; CUDA: max_memory_allocated) - no library
+        # footprint, no allocator slack: the measure a GPU reports
+        "peak_alloc_ratio_vs_adamw": ratio("adamw_bf16", "qzo_nf4", "peak_allocated_bytes"),
+        "peak_alloc_ratio_vs_adamw_fp32": ratio("adamw_fp32", "qzo_nf4", "peak_allocated_bytes"),
+        "peak_alloc_ratio_vs_mezo_bf16": ratio("mezo_bf16", "qzo_nf4", "peak_allocated_bytes"),
+        "peak_alloc_ratio_vs_sgd_bf16": ratio("sgd_bf16", "qzo_nf4", "peak_allocated_bytes"),
+        "qzo_int4_peak_alloc_ratio_vs_adamw": ratio("adamw_bf16", "qzo_int4", "peak_allocated_bytes"),
         "qzo_int4_peak_ratio_vs_adamw": ratio("adamw_bf16", "qzo_int4"),
     }
     if "qzo_nf4" in by and "mezo_bf16" in by:
@@ -470,6 +772,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-learning", action="store_true")
+    p.add_argument("--methods", help=f"comma-separated memory methods (default all: {','.join(METHODS)})")
+    p.add_argument("--no-alloc", action="store_true",
+                   help="RSS only: skip the second, profiled process per method that measures peak allocated bytes")
+    p.add_argument("--reuse-learning", action="store_true",
+                   help="with --skip-learning: keep the learning section of the existing --out file")
+    p.add_argument("--model-loss", action="store_true",
+                   help="memory runs with the model's own loss (KV cache, float32 logits) instead of llmsys's")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -479,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     mem_steps = args.mem_steps or (1 if args.quick else 3)
     args.seq = args.seq or (64 if args.quick else 128)
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, size, mem_steps, args.seq, args.batch)))
+        print(json.dumps(memory_worker(args.memory_worker, size, mem_steps, args.seq, args.batch,
+                                       track_alloc=not args.no_alloc, model_loss=args.model_loss)))
         return 0
     args.pretrain_steps = args.pretrain_steps or 1000
     args.zo_steps = args.zo_steps or (2000 if args.quick else 5000)
@@ -489,7 +799,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     title = f"{machine['cpu']} ({args.threads} threads)" if not torch.cuda.is_available() else machine.get("gpu", "")
     learning = None if args.skip_learning else run_learning(args)
-    memory = [] if args.skip_memory else run_memory(size, mem_steps, args.seq, args.batch, args.threads)
+    reused = None
+    if args.skip_learning and args.reuse_learning and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        learning = previous.get("learning")  # the learning part does not depend on the memory part
+        reused = {"from": args.out, "seconds_of_that_run": previous.get("seconds")} if learning else None
+    methods = args.methods.split(",") if args.methods else None
+    memory = [] if args.skip_memory else run_memory(size, mem_steps, args.seq, args.batch, args.threads,
+                                                    not args.no_alloc, methods, args.model_loss)
     summary = summarize(memory)
     if learning:
         summary.update({k: learning[k] for k in ("acc_fp", "acc_quantized", "acc_quantized_nf4", "acc_qzo",
@@ -497,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["classifier_steps_per_s"] = learning["classifier_steps_per_s"]
     payload = {
         "benchmark": "qzo", "quick": args.quick, "machine": machine, "seconds": None,
+        "learning_reused": reused,
         **summary,
         "memory": {"size": size, "config": SIZES[size], "vocab": 32000, "batch": args.batch, "seq": args.seq,
                    "runs": memory},
@@ -505,9 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     if memory:
         print_table(
             [{"method": r["method"], "peak GiB": r.get("peak_bytes", 0) / 2**30,
-              "peak-import GiB": r.get("peak_minus_import_bytes", 0) / 2**30, "step s": r.get("median_step_s"),
+              "peak-import GiB": r.get("peak_minus_import_bytes", 0) / 2**30,
+              "peak alloc GiB": r.get("peak_allocated_bytes", 0) / 2**30, "step s": r.get("median_step_s"),
               "error": r.get("error")} for r in memory],
-            ["method", "peak GiB", "peak-import GiB", "step s", "error"],
+            ["method", "peak GiB", "peak-import GiB", "peak alloc GiB", "step s", "error"],
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,62 @@ def test_micro_batches_must_divide_the_batch():
     model = int4_model()
     with pytest.raises(ValueError, match="not divisible"):
         train(model, QZO(model, lr=1e-3), data, 1, micro_batches=3, progress=False)
+
+
+# -- the default loss: no KV cache, no float32 copies of the logits, the same numbers --------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_loss_is_the_models_own_loss_bit_for_bit(dtype):
+    import importlib
+
+    train_mod = importlib.import_module("llmsys.qzo.train")
+    model = tiny_model("llama", dtype=dtype)
+    x = torch.randint(3, 512, (3, 17), generator=torch.Generator().manual_seed(4))
+    labels = x.clone()
+    labels[0, :5] = -100  # ignored positions
+    batch = {"input_ids": x, "labels": labels}
+    with torch.no_grad():
+        own = model(**batch).loss
+        for chunk in (4, 4 * 512 * 5, train_mod.LOSS_CHUNK_BYTES):  # 1 row, 5 rows, the default
+            train_mod.LOSS_CHUNK_BYTES, saved = chunk, train_mod.LOSS_CHUNK_BYTES
+            try:
+                assert torch.equal(train_mod.causal_lm_loss(model, batch), own)
+            finally:
+                train_mod.LOSS_CHUNK_BYTES = saved
+    with torch.enable_grad():  # with autograd: the model's own path (and its graph)
+        loss = train_mod.causal_lm_loss(model, batch)
+        assert loss.requires_grad and torch.equal(loss.detach(), own)
+
+
+def test_default_loss_builds_no_kv_cache_and_no_float_logits():
+    from llmsys.qzo import causal_lm_loss
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    x = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": x, "labels": x}
+    seen = []
+
+    def spy(module, args, kwargs, output):
+        seen.append((kwargs.get("use_cache"), output))
+
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    with torch.no_grad():
+        causal_lm_loss(model, batch)
+    handle.remove()
+    use_cache, output = seen[0]
+    assert use_cache is False and getattr(output, "cache", None) is None
+    assert output.loss is None and output.logits.dtype == torch.bfloat16  # the loss never made fp32 logits
+
+
+def test_qzo_with_the_lean_loss_takes_the_same_steps_as_with_the_models_loss():
+    runs = []
+    for loss_fn in (None, lambda m, b: m(**b).loss):
+        model = int4_model()
+        model.to(torch.bfloat16)
+        opt = QZO(model, lr=1e-3, seed=3)
+        kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+        r = train(model, opt, data, 3, progress=False, **kwargs)
+        runs.append((r.losses, scales_of(model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

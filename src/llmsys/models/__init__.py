@@ -23,6 +23,7 @@ from llmsys.models.compat import (
     forward,
     generate,
     output_cache,
+    uses_standard_causal_lm_loss,
 )
 from llmsys.models.experts import (
     NotHeldExpertError,
@@ -104,4 +105,5 @@ __all__ = [
     "shard_experts",
     "sliding_window_of",
     "use_attention",
+    "uses_standard_causal_lm_loss",
 ]

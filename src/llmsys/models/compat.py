@@ -51,3 +51,14 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any = None, **kwargs: A
     if cache is not None:
         kwargs.update(cache_kwargs(cache))
     return model.generate(input_ids, **kwargs)
+
+
+def uses_standard_causal_lm_loss(model: torch.nn.Module) -> bool:
+    """Whether `model(..., labels=...)` computes transformers' standard causal-LM loss
+    (``ForCausalLMLoss``: labels shifted, mean float32 cross-entropy, -100 ignored), so that a caller
+    may compute the same number from the logits itself."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return False
+    return getattr(model, "loss_function", None) is ForCausalLMLoss

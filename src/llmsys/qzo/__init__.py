@@ -23,7 +23,14 @@ from llmsys.qzo.errors import (
 )
 from llmsys.qzo.int4 import Int4Linear, load_gptq, quantizable_linears, quantize_int4
 from llmsys.qzo.optimizer import QZO, MeZO, StepInfo, ZerothOrderOptimizer, quantized_scales
-from llmsys.qzo.train import TrainResult, causal_lm_loss, load_checkpoint, save_checkpoint, train
+from llmsys.qzo.train import (
+    TrainResult,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 from llmsys.registry import register_method
 
 register_method("qzo", plugin="qzo")(QZO)
@@ -45,6 +52,7 @@ __all__ = [
     "bnb_available",
     "bnb_scales",
     "causal_lm_loss",
+    "chunked_causal_lm_loss",
     "first_order",
     "is_bnb_4bit",
     "load_checkpoint",

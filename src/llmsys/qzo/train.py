@@ -28,19 +28,64 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmsys.models import uses_standard_causal_lm_loss
 from llmsys.qzo.errors import CheckpointError
 from llmsys.qzo.optimizer import ZerothOrderOptimizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "causal_lm_loss", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "TrainResult", "causal_lm_loss", "chunked_causal_lm_loss", "load_checkpoint", "save_checkpoint", "train",
+]
 
 Batch = Mapping[str, torch.Tensor]
 
 
+#: rows of logits upcast to float32 at a time by the no-grad loss (about 4 MB per chunk at a 32k vocab)
+LOSS_CHUNK_BYTES = 4 * 2**20
+_LEAN_KEYS = {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
+
+
+def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` (float32 mean next-token cross-entropy, ``labels`` shifted by
+    padding with ``ignore_index``), bit for bit, without its two float32 copies of all the logits:
+    ``log_softmax`` of a row depends on that row only, so rows go through it a chunk at a time and only
+    each row's log-probability of its target is kept; ``nll_loss`` then reduces those numbers in the
+    same order (the same summation) as it reduces the full ``[tokens, vocab]`` tensor. No autograd."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    target = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(flat.device)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target)).unsqueeze(1)
+    picked = torch.empty(flat.shape[0], 1, dtype=torch.float32, device=flat.device)
+    rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    for start in range(0, flat.shape[0], rows):
+        chunk = torch.log_softmax(flat[start : start + rows].float(), dim=-1)
+        picked[start : start + rows] = chunk.gather(1, safe[start : start + rows])
+        del chunk
+    column = torch.where(keep, torch.zeros_like(target), torch.full_like(target, ignore_index))
+    return nn.functional.nll_loss(picked, column, ignore_index=ignore_index, reduction="mean")
+
+
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's own loss (``labels`` in the batch): mean next-token cross-entropy."""
-    return model(**batch).loss
+    """The model's own loss (``labels`` in the batch): mean next-token cross-entropy.
+
+    Never builds a KV cache (``use_cache=False``: a training forward reads none, and the cache would
+    hold a copy of every layer's keys and values). Without autograd (the zeroth-order closures) and for
+    a transformers model with the standard causal-LM loss, the loss is computed from the logits by
+    `chunked_causal_lm_loss`: the same number, bit for bit, without two float32 copies of the logits
+    (2 x 4 bytes x tokens x vocab: 62 MB for 256 tokens at a 32k vocab).
+    """
+    kwargs = dict(batch)
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    labels = kwargs.get("labels")
+    lean = labels is not None and not torch.is_grad_enabled() and set(kwargs) <= _LEAN_KEYS
+    if not (lean and uses_standard_causal_lm_loss(model)):
+        return model(**kwargs).loss
+    del kwargs["labels"]
+    logits = model(**kwargs).logits
+    return chunked_causal_lm_loss(logits, labels)
 
 
 @dataclass
