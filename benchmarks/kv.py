@@ -2,6 +2,7 @@
 
     python benchmarks/kv.py [--quick] [--out benchmarks/results/kv.json] [--parts quality,speed,kvpress]
     python benchmarks/kv.py --parts quality --policies leoam,leoam_tiered --update   # re-measure LeoAM only
+    python benchmarks/kv.py --parts quality --policies leoam_prefill,leoam_tiered_prefill --update   # the old rule
 
 1. quality: on the trained reference model (`llmsys.testing.reference_model`), needle and
    multi-query associative recall (MQAR) accuracy for Full, StreamingLLM, H2O, SnapKV, Quest, LeoAM
@@ -23,7 +24,9 @@
    layer), how do the scores compare, and what does each answer?
 
 Writes the JSON (--out) with `accuracy[policy][budget]` (mean over the two tasks), `accuracy_by_task`,
-`decode_speedup_vs_offload` and `disk_bytes_ratio` (from kv_speed), `kvpress`, `goal`, and PNG
+`decode_speedup_vs_offload` and `disk_bytes_ratio` (from kv_speed), `kvpress`, `goal` (every LeoAM cell
+also has `selection_cost`: abstracts scored and pages chosen per layer, row and decode step, and the
+mean run of consecutive chosen pages, `transfer_pages`), and PNG
 plots next to it (<stem>_accuracy.png, <stem>_kvpress.png). --quick: < 5 minutes on 2 cores.
 """
 
@@ -48,6 +51,9 @@ log = logging.getLogger("benchmarks.kv")
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = {"1/2": 2, "1/4": 4, "1/8": 8, "1/16": 16}
 POLICIES = ("streamingllm", "h2o", "snapkv", "quest", "leoam", "leoam_tiered")
+# LeoAM's prefill-only chunking (`refine=False, rechunk=False`, the rule before the adaptive selection):
+# measured only when named in --policies
+OPTIONAL = ("leoam_prefill", "leoam_tiered_prefill")
 PAGE_SIZE = 16
 SINKS = 4
 
@@ -102,10 +108,10 @@ def cache_factory(name: str, budget: int) -> Callable[[Any], Any]:
     from llmsys.cache import PagedCache
     from llmsys.kv import H2O, Full, Quest, SnapKV, StreamingLLM
 
-    if name == "leoam":
-        return leoam_factory(budget)
-    if name == "leoam_tiered":
-        return leoam_tiered_factory(budget)
+    if name in ("leoam", "leoam_prefill"):
+        return leoam_factory(budget, adaptive=name == "leoam")
+    if name in ("leoam_tiered", "leoam_tiered_prefill"):
+        return leoam_tiered_factory(budget, adaptive=name == "leoam_tiered")
     policies = {
         "full": lambda: Full(),
         "streamingllm": lambda: StreamingLLM(budget=budget, sinks=SINKS),
@@ -117,25 +123,50 @@ def cache_factory(name: str, budget: int) -> Callable[[Any], Any]:
     return lambda model: PagedCache.from_model(model, policy=make(), page_size=PAGE_SIZE)
 
 
-def leoam_factory(budget: int) -> Callable[[Any], Any]:
-    """LeoAM's selection at `budget` tokens per layer, every page on the device (`llmsys.kv.leoam`)."""
+def leoam_factory(budget: int, adaptive: bool = True) -> Callable[[Any], Any]:
+    """LeoAM's selection at `budget` tokens per layer, every page on the device (`llmsys.kv.leoam`);
+    `adaptive=False`: the prefill-only chunks (``refine=False, rechunk=False``)."""
     from llmsys.cache import PagedCache
     from llmsys.registry import get_method
 
     leoam = get_method("leoam")
-    return lambda model: PagedCache.from_model(model, policy=leoam(budget=budget), page_size=PAGE_SIZE)
+    kw = {} if adaptive else {"refine": False, "rechunk": False}
+    return lambda model: PagedCache.from_model(model, policy=leoam(budget=budget, **kw), page_size=PAGE_SIZE)
 
 
-def leoam_tiered_factory(budget: int) -> Callable[[Any], Any]:
+def leoam_tiered_factory(budget: int, adaptive: bool = True) -> Callable[[Any], Any]:
     """`LeoAMCache` attending `budget` tokens: the device holds the budget plus LeoAM's page slack, the
-    host as much again, the rest goes to disk, 8-bit min/max compressed (LeoAMCache's default)."""
+    host as much again, the rest goes to disk, 8-bit min/max compressed (LeoAMCache's default);
+    `adaptive=False`: the prefill-only chunks."""
     from llmsys.kv import LeoAMCache
 
     window = min(64, (budget - SINKS) // 4)  # LeoAM's own default window for this budget
+    kw = {} if adaptive else {"refine": False, "rechunk": False}
     return lambda model: LeoAMCache.from_model(
         model, device_budget=budget + 5 * PAGE_SIZE, host_budget=budget, budget=budget, sink=SINKS, window=window,
-        page_size=PAGE_SIZE,
+        page_size=PAGE_SIZE, **kw,
     )  # fmt: skip
+
+
+def recording(factory: Callable[[Any], Any], sink: list[dict[str, float]]) -> Callable[[Any], Any]:
+    """`factory` whose caches append LeoAM's selection cost (`llmsys.kv.leoam.chunk_stats`) to `sink`
+    when they are closed (a policy without LeoAM's state records nothing)."""
+    from llmsys.kv.leoam import chunk_stats
+
+    def make(model: Any) -> Any:
+        cache = factory(model)
+        close = cache.close
+
+        def closing() -> None:
+            stats = chunk_stats(cache)
+            if stats["rows"]:
+                sink.append(stats)
+            close()
+
+        cache.close = closing
+        return cache
+
+    return make
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,12 +188,23 @@ def quality(model: Any, lengths: list[int], depths: list[float], samples: int, p
     cells: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # task -> policy -> fraction -> length -> result
 
     def run(task: Any, name: str, budget: int, length: int) -> dict[str, Any]:
-        method = generate_method(context_then_question(cache_factory(name, budget)), name=f"{name} k={budget}")
+        costs: list[dict[str, float]] = []
+        factory = recording(cache_factory(name, budget), costs)
+        method = generate_method(context_then_question(factory), name=f"{name} k={budget}")
         r = evaluate(model, task, method, [length], depths, samples, batch_size=samples, progress=False)
-        return {"correct": sum(c["correct"] for c in r["cells"]), "n": sum(c["n"] for c in r["cells"]),
-                "accuracy": r["accuracy"], "budget": budget, "seconds": r["seconds"],
-                "kv_bytes": r["by_length"][str(length)].get("kv_bytes"),
-                "by_depth": {str(c["depth"]): c["accuracy"] for c in r["cells"]}}  # fmt: skip
+        out = {"correct": sum(c["correct"] for c in r["cells"]), "n": sum(c["n"] for c in r["cells"]),
+               "accuracy": r["accuracy"], "budget": budget, "seconds": r["seconds"],
+               "kv_bytes": r["by_length"][str(length)].get("kv_bytes"),
+               "by_depth": {str(c["depth"]): c["accuracy"] for c in r["cells"]}}  # fmt: skip
+        if costs:  # LeoAM: abstracts scored and pages chosen per layer, row and decode step; transfer size
+            rows = sum(c["rows"] for c in costs)
+            out["selection_cost"] = {
+                "rows": rows,
+                **{k: sum(c[k] * c["rows"] for c in costs) / rows for k in ("abstracts_per_step", "pages_per_step")},
+                "transfer_pages": sum(c["pages_per_step"] * c["rows"] for c in costs)
+                / max(sum(c["pages_per_step"] * c["rows"] / max(c["transfer_pages"], 1e-9) for c in costs), 1e-9),
+            }
+        return out
 
     jobs = [(t, "full", "all", n) for t in tasks for n in lengths]
     jobs += [(t, p, f, n) for t in tasks for p in policies for f in FRACTIONS for n in lengths]
@@ -195,7 +237,7 @@ def quality(model: Any, lengths: list[int], depths: list[float], samples: int, p
                 if p not in cells[t]:
                     cells[t][p] = per
                     kept_from_previous.append(p)
-    policies = [p for p in POLICIES if any(p in cells[t] for t in cells)]
+    policies = [p for p in (*POLICIES, *OPTIONAL) if any(p in cells[t] for t in cells)]
     cells = {t: {p: per[p] for p in ["full", *policies] if p in per} for t, per in cells.items()}  # table order
     by_task = {t: {p: {f: pooled(per) for f, per in fr.items()} for p, fr in pol.items()} for t, pol in cells.items()}
     for t in by_task:  # Full does not depend on the budget: its one measurement stands in every column
@@ -428,11 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     model = reference_model()  # committed weights; raises ReferenceWeightsMissing naming the fix
     policies = [p for p in POLICIES if not p.startswith("leoam") or leoam_available()]
     if args.policies:
-        unknown = set(args.policies.split(",")) - set(POLICIES)
+        unknown = set(args.policies.split(",")) - set(POLICIES) - set(OPTIONAL)
         if unknown:
-            raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {', '.join(POLICIES)}")
-        policies = [p for p in policies if p in args.policies.split(",")]
-    if "leoam" not in policies:
+            choices = ", ".join((*POLICIES, *OPTIONAL))
+            raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {choices}")
+        wanted = args.policies.split(",")
+        policies = [p for p in (*policies, *OPTIONAL) if p in wanted and (p in policies or leoam_available())]
+    if not leoam_available():
         todo.append("leoam is not registered (llmsys.kv.leoam missing): the quality sweep ran without LeoAM")
 
     if "quality" in parts:

@@ -25,13 +25,17 @@ from _common import machine_info, print_table, write_json  # noqa: E402
 PAGE_SIZES = (16, 8, 4)
 
 
-def leoam_factory(budget: int):
-    """LeoAM with its smallest chunk = one page of the current page size (kv.py's default: 16 tokens)."""
+def leoam_factory(budget: int, adaptive: bool = True):
+    """LeoAM with its smallest chunk = one page of the current page size (kv.py's default: 16 tokens);
+    `adaptive=False`: the prefill-only chunks (``refine=False, rechunk=False``)."""
     from llmsys.cache import PagedCache
     from llmsys.kv import LeoAM
 
     page = kv.PAGE_SIZE
-    return lambda model: PagedCache.from_model(model, policy=LeoAM(budget=budget, min_chunk=page), page_size=page)
+    kw = {} if adaptive else {"refine": False, "rechunk": False}
+    return lambda model: PagedCache.from_model(
+        model, policy=LeoAM(budget=budget, min_chunk=page, **kw), page_size=page
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

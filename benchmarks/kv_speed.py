@@ -20,7 +20,9 @@ Each variant decodes from the same prompt; the median over the timed steps is re
 context), ``disk_bytes_ratio`` (bytes a scorer without abstracts would read from disk per token -
 every disk-resident chunk as stored - over the bytes LeoAM read from disk per token), bytes moved per
 token and LeoAM's hit / prefetch statistics. ``run_speed(quick, out_dir)`` is what benchmarks/kv.py
-imports; ``--quick`` runs two short contexts (well under 3 minutes on 2 cores).
+imports; ``--quick`` runs two short contexts (well under 3 minutes on 2 cores). ``--prefill-only``
+runs LeoAM with its prefill-only chunks (``refine=False, rechunk=False``) instead of the adaptive
+default, to compare the two.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def bench_context(model, context: int, steps: int, warmup: int, disk_root: Path)
     host_budget = context // 4
     cache = LeoAMCache.from_model(
         model, device_budget=device_budget, host_budget=host_budget, budget=budget, disk_dir=disk_root,
-        page_size=PAGE, sink=4, window=64, min_chunk=64, max_chunk=1024, prefetch=True,
+        page_size=PAGE, sink=4, window=64, min_chunk=64, max_chunk=1024, prefetch=True, **LEOAM_OPTIONS,
     )  # fmt: skip
     try:
         t0 = time.perf_counter()
@@ -234,8 +236,14 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     return path
 
 
-def run_speed(quick: bool, out_dir: Path, contexts: list[int] | None = None) -> dict[str, Any]:
-    """Run the speed benchmark; write kv_speed.json and kv_speed.png into `out_dir`; return the result."""
+LEOAM_OPTIONS: dict[str, Any] = {}  # extra LeoAMCache arguments (--prefill-only: refine/rechunk off)
+
+
+def run_speed(
+    quick: bool, out_dir: Path, contexts: list[int] | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """Run the speed benchmark; write `name`.json and `name`.png (default kv_speed[_quick]) into
+    `out_dir`; return the result."""
     out_dir = Path(out_dir)
     if contexts is None:
         contexts = [2048, 8192] if quick else [2048, 4096, 8192, 16384, 32768]
@@ -273,6 +281,7 @@ def run_speed(quick: bool, out_dir: Path, contexts: list[int] | None = None) -> 
         "disk_bytes_ratio": longest["disk_bytes_ratio"],
         "longest_context": longest["context"],
         "runtime_s": time.perf_counter() - t_start,
+        "leoam_options": dict(LEOAM_OPTIONS),
     }
     result["goals"] = {
         "speedup_vs_offload_>=3x_at_32K": None
@@ -288,7 +297,7 @@ def run_speed(quick: bool, out_dir: Path, contexts: list[int] | None = None) -> 
         for r in rows
     ]  # fmt: skip
     result["table"] = print_table(table, list(table[0].keys()))
-    name = "kv_speed_quick" if quick else "kv_speed"
+    name = name or ("kv_speed_quick" if quick else "kv_speed")
     write_json(out_dir / f"{name}.json", result)
     title = f"LeoAM decode vs context ({info['cpu']}, {torch.get_num_threads()} threads{', quick' if quick else ''})"
     plot(out_dir / f"{name}.png", rows, title)
@@ -298,12 +307,19 @@ def run_speed(quick: bool, out_dir: Path, contexts: list[int] | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_speed.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/kv_speed[_quick].json); the PNG goes next to it")
     parser.add_argument("--contexts", type=str, default=None, help="comma-separated context lengths")
+    parser.add_argument(
+        "--prefill-only", action="store_true", help="LeoAM's prefill-only chunks (refine=False, rechunk=False)"
+    )
     args = parser.parse_args(argv)
+    if args.prefill_only:
+        LEOAM_OPTIONS.update(refine=False, rechunk=False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else None
-    result = run_speed(args.quick, args.out.parent, contexts)
+    out_dir = ROOT / "benchmarks" / "results" if args.out is None else args.out.parent
+    result = run_speed(args.quick, out_dir, contexts, None if args.out is None else args.out.stem)
     print(
         f"\ndecode_speedup_vs_offload={result['decode_speedup_vs_offload']:.2f} "
         f"disk_bytes_ratio={result['disk_bytes_ratio']} (context {result['longest_context']}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
@@ -34,6 +34,8 @@ def test_bad_hyper_parameters_name_the_fix():
         LeoAM(budget=64, min_chunk=64, max_chunk=16)
     with pytest.raises(ValueError, match="budget must be an int"):
         LeoAM(budget=0)
+    with pytest.raises(ValueError, match="refine_rounds"):
+        LeoAM(budget=64, refine_rounds=0)
     assert LeoAM(budget=2).sink + LeoAM(budget=2).window <= 2  # defaults shrink with a small budget
 
 
@@ -128,7 +130,8 @@ def _naive_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[list[int
 
 
 def test_selection_matches_an_independent_recomputation():
-    policy = LeoAM(budget=40, sink=3, window=6, min_chunk=8, max_chunk=24)
+    # the prefill-only rule: whole chunks in order of importance
+    policy = LeoAM(budget=40, sink=3, window=6, min_chunk=8, max_chunk=24, refine=False, rechunk=False)
     model, cache = _run(policy, new=2)
     with cache:
         for layer in cache.layers:
@@ -137,6 +140,177 @@ def test_selection_matches_an_independent_recomputation():
             chosen = policy.select(layer, query)
             assert chosen.shape == (2, 40)
             assert chosen.tolist() == _naive_selection(policy, layer, query)
+
+
+def _bound_importance(keys: torch.Tensor, query: torch.Tensor, units: list[tuple[int, int]]) -> list[float]:
+    """Quest-style importance of token ranges for one row: min/max bound from the raw keys
+    ``[Hkv, n, D]``, scaled, softmax over the units per query head ``query [Hq, D]``, max over heads."""
+    group = query.shape[0] // keys.shape[0]
+    scores = []
+    for a, e in units:
+        per_head = []
+        for h in range(query.shape[0]):
+            k = keys[h // group, a:e].double()
+            qd = query[h].double()
+            per_head.append(torch.maximum(qd * k.min(0).values, qd * k.max(0).values).sum())
+        scores.append(torch.stack(per_head))
+    score = torch.stack(scores, dim=1) * query.shape[-1] ** -0.5  # [Hq, U]
+    return torch.softmax(score, dim=1).max(dim=0).values.tolist()
+
+
+def _naive_refined_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[list[int]]:
+    """Independent re-computation of the adaptive rule: rank the units, split every merged chunk the
+    budget reaches into its pages, re-rank, until only pages are taken (or `refine_rounds` rounds)."""
+    keys, _ = layer.to_dense()
+    n, ps = layer.length, layer.page_size
+    st_ = layer.policy_state["leoam"]
+    bounds = list(st_.bounds) + ([n] if n > st_.bounds[-1] else [])
+    protected = set(range(policy.sink)) | set(range(n - policy.window, n))
+    rows = []
+    for b in range(query.shape[0]):
+        units = list(zip(bounds[:-1], bounds[1:]))
+        rounds = 0
+        while True:
+            imp = _bound_importance(keys[b], query[b], units)
+            room, chosen, split = policy.budget - len(protected), set(protected), []
+            for u in sorted(range(len(units)), key=lambda u: (-imp[u], u)):
+                a, e = units[u]
+                free = [t for t in range(a, e) if t not in protected]
+                if room <= 0 or not free:
+                    continue
+                if (e - 1) // ps > a // ps:
+                    split.append(u)
+                for t in free[:room]:
+                    chosen.add(t)
+                room -= min(room, len(free))
+            if not split or (policy.refine_rounds is not None and rounds == policy.refine_rounds):
+                break
+            rounds += 1
+            pages = [(max(p * ps, units[u][0]), min((p + 1) * ps, units[u][1]))
+                     for u in split for p in range(units[u][0] // ps, (units[u][1] - 1) // ps + 1)]  # fmt: skip
+            units = [x for i, x in enumerate(units) if i not in split] + pages
+        rows.append(sorted(chosen))
+    return rows
+
+
+@pytest.mark.parametrize("rounds", [None, 1, 2])
+@pytest.mark.parametrize("budget", [24, 40, 64])
+def test_refined_selection_matches_an_independent_recomputation(budget, rounds):
+    policy = LeoAM(budget=budget, sink=3, window=6, min_chunk=8, max_chunk=64, rechunk=False, refine_rounds=rounds)
+    model, cache = _run(policy, new=2)
+    with cache:
+        for layer in cache.layers:
+            assert max(layer.policy_state["leoam"].chunk_sizes()) > layer.page_size  # merged chunks exist
+            for seed in range(3):
+                torch.manual_seed(seed)
+                query = torch.randn(2, model.config.num_attention_heads, layer.pool.head_dim)
+                chosen = policy.select(layer, query)
+                assert chosen.shape == (2, budget)
+                assert chosen.tolist() == _naive_refined_selection(policy, layer, query)
+
+
+def test_refinement_picks_the_highest_bound_page_inside_a_merged_chunk():
+    # one merged chunk over every closed page, room for one page: the adaptive rule takes the page of
+    # that chunk with the highest bound (importance), the prefill-only rule the chunk's first tokens
+    ps = 8
+    kw = dict(budget=3 + ps, sink=0, window=3, min_chunk=ps, max_chunk=256)
+    refined, whole = LeoAM(**kw, rechunk=False), LeoAM(**kw, refine=False, rechunk=False)
+    model, cache = _run(refined, page_size=ps, batch=1, new=3)
+    with cache:
+        layer = cache.layers[1]
+        n = layer.length
+        closed = (n // ps) * ps
+        layer.policy_state["leoam"].bounds = [0, closed]
+        keys, _ = layer.to_dense()
+        pages = [(p * ps, (p + 1) * ps) for p in range(closed // ps)]
+        found = 0
+        for seed in range(20):
+            torch.manual_seed(seed)
+            query = torch.randn(1, model.config.num_attention_heads, layer.pool.head_dim)
+            imp = _bound_importance(keys[0], query[0], [*pages, (closed, n)])[: len(pages)]
+            best = max(range(len(pages)), key=lambda p: imp[p])
+            picked = refined.select(layer, query)[0, : ps].tolist()  # sink=0: the room comes first
+            assert picked == list(range(*pages[best]))
+            assert whole.select(layer, query)[0, : ps].tolist() == list(range(ps))  # the chunk's first page
+            found += best != 0
+        assert found > 0  # the two rules did differ
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    page_size=st.sampled_from([4, 8]),
+    room=st.integers(0, 60),
+    sink=st.integers(0, 6),
+    window=st.integers(0, 12),
+    max_chunk=st.sampled_from([16, 32, 128]),
+    batch=st.integers(1, 3),
+)
+@example(page_size=4, room=0, sink=2, window=3, max_chunk=16, batch=2)  # sinks and window fill the budget
+def test_refinement_never_exceeds_the_budget(page_size, room, sink, window, max_chunk, batch):
+    budget = sink + window + room
+    assume(budget >= 1)
+    seen = []
+
+    class Spy(LeoAM):
+        def attend(self, layer, step):
+            out = super().attend(layer, step)
+            if out is not None:
+                seen.append((out, layer.length, layer.page_size))
+            return out
+
+    spy = Spy(budget=budget, sink=sink, window=window, min_chunk=page_size, max_chunk=max_chunk)
+    model = tiny_model("llama")
+    with PagedCache.from_model(model, policy=spy, page_size=page_size) as cache, torch.no_grad():
+        out = forward(model, _ids(batch, length=100), cache=cache)
+        for _ in range(3):
+            out = forward(model, out.logits[:, -1:].argmax(-1), cache=cache)
+    assert len(seen) == 3 * model.config.num_hidden_layers
+    for chosen, n, ps in seen:
+        assert chosen.shape == (batch, budget)
+        for row in chosen.tolist():
+            assert row == sorted(set(row)) and row[-1] < n  # unique past tokens
+            assert set(range(sink)) | set(range(n - window, n)) <= set(row)
+            middle = [t for t in row if sink <= t < n - window]
+            assert len(middle) == room
+            # pages, not chunks: whole pages, the pages cut by the sinks' and the window's edges, and the
+            # last one taken (cut to fit) - LeoAMCache's device slack counts on this
+            assert len({t // ps for t in middle}) <= (-(-room // ps) + 2 if room else 0)
+
+
+def test_rechunk_splits_the_pages_the_decode_attended_to():
+    ps, records = 8, []
+
+    class Spy(LeoAM):
+        def compact(self, layer, step):
+            if not step.is_prefill and layer.layer_idx == 1:
+                st_ = self.state(layer)
+                st_.bounds = [0, (layer.length // ps) * ps]  # one merged chunk before the step
+                records.append((step.attend.clone(), step.queries[:, :, -1].clone(), list(st_.bounds)))
+            super().compact(layer, step)
+            if not step.is_prefill and layer.layer_idx == 1:
+                records[-1] += (list(self.state(layer).bounds),)
+
+    policy = Spy(budget=40, sink=2, window=6, min_chunk=ps, max_chunk=256)
+    model, cache = _run(policy, page_size=ps, batch=2, new=1)
+    with cache:
+        layer = cache.layers[1]
+        keys, _ = layer.to_dense()
+        chosen, query, before, after = records[-1]
+        closed = before[-1]
+        group = query.shape[1] // keys.shape[1]
+        hot = set()
+        for b in range(2):
+            k = keys[b, :, chosen[b]].repeat_interleave(group, dim=0)  # [Hq, A, D]
+            probs = torch.softmax((k @ query[b][:, :, None])[..., 0] * query.shape[-1] ** -0.5, dim=-1).mean(0)
+            mass = {}
+            for t, w in zip(chosen[b].tolist(), probs.tolist()):
+                mass[t // ps] = mass.get(t // ps, 0.0) + w
+            hot |= {p for p, w in mass.items() if w * len(mass) > 1 and (p + 1) * ps <= closed}
+        assert hot  # some page drew more than a uniform share
+        cuts = {c for p in hot for c in (p * ps, (p + 1) * ps) if 0 < c < closed}
+        assert [x for x in after if x <= closed] == sorted({0, closed} | cuts)
+        sizes = dict(zip(after[:-1], [e - a for a, e in zip(after[:-1], after[1:])]))
+        assert all(sizes[p * ps] == ps for p in hot)  # every hot page is a chunk of its own
 
 
 def test_decode_attends_exactly_the_budget():

@@ -25,6 +25,16 @@ Per layer (state in ``layer.policy_state["leoam"]``):
    rest of the budget in order of importance (the last one taken may be cut to fit), so exactly
    `budget` past tokens are attended. Prefill steps attend to everything; a layer that stores at
    most `budget` tokens attends to everything (then LeoAM is exactly the full cache).
+4. **Adaptive refinement** (`refine=True`, the default; our reconstruction of the paper's
+   "importance-aware, adaptive" manager, whose exact rule is not public). The prefill's attention
+   profile cannot know which region a later query needs, so a merged chunk that the selection above
+   reaches is split at that step into its pages, each scored by its own page abstract (already on
+   the device: no K/V is read), and the ranking is redone over the chunks not taken and the pages,
+   for at most `refine_rounds` rounds (`select_refined`). Chunks no query reaches stay one abstract each.
+   With `rechunk=True` (default) the boundaries also follow the decode attention: after each decode
+   step, a page that drew more than a uniform share of the step's attention becomes a chunk of its
+   own (`_rechunk`). ``refine=False, rechunk=False`` is the prefill-only rule (chunks taken whole,
+   capped at `max_chunk_share` of the room).
 
 LeoAM never evicts: what is not selected stays in the cache (on a lower tier in `LeoAMCache`).
 """
@@ -45,7 +55,33 @@ from llmsys.registry import register_method
 if TYPE_CHECKING:
     from llmsys.cache import PagedLayer
 
-__all__ = ["LeoAM", "LeoAMState"]
+__all__ = ["LeoAM", "LeoAMState", "chunk_stats"]
+
+
+def _zero_stats() -> dict[str, float]:
+    return dict.fromkeys(("steps", "rows", "abstracts", "pages", "runs", "splits"), 0)
+
+
+def chunk_stats(cache: Any) -> dict[str, float]:
+    """LeoAM's selection cost over a cache's layers: decode selections (``steps``, per layer and row:
+    ``rows``), ``abstracts_per_step`` (chunk + page abstracts scored per layer, row and step),
+    ``pages_per_step`` (pages chosen outside sinks and window), ``transfer_pages`` (mean run of
+    consecutive chosen pages: what one transfer moves when they are not on the device) and
+    ``splits`` (boundaries `rechunk` added)."""
+    total = _zero_stats()
+    for layer in getattr(cache, "layers", []):
+        st = layer.policy_state.get(LeoAM.STATE)
+        for key, value in (st.extra.get("chunk_stats", {}) if st is not None else {}).items():
+            total[key] += value
+    rows = max(total["rows"], 1)
+    return {
+        "steps": total["steps"],
+        "rows": total["rows"],
+        "abstracts_per_step": total["abstracts"] / rows,
+        "pages_per_step": total["pages"] / rows,
+        "transfer_pages": total["pages"] / max(total["runs"], 1),
+        "splits": total["splits"],
+    }
 
 
 @dataclass
@@ -75,6 +111,16 @@ class LeoAM(CachePolicy):
             (``budget - sink - window``): a chunk that does not fit whole is cut, and a cut chunk
             loses tokens the query may need.
         profile_window: last queries of a prefill step whose attention profile sets the chunks.
+        refine: adaptive selection at decode (default, `select_refined`): a chunk of more than one
+            page that the budget reaches is split into its pages, scored by their page abstracts,
+            and the ranking redone (`refine_rounds` times at most). ``False``: the prefill-only rule
+            (`select_chunks`: chunks taken whole in order of importance, the last one cut).
+        rechunk: after each decode step, split the pages the step's query actually attended to
+            most out of their merged chunk (boundaries follow the decode attention).
+        refine_rounds: at most this many split rounds per selection (then merged chunks still taken
+            are taken whole, the last one cut); None: until only pages are taken. Each round is a
+            re-ranking: 2 gave the same accuracy as None on the full quality grid at about half the
+            selection cost (docs/kv.md).
     """
 
     budget: int = 1024
@@ -84,6 +130,9 @@ class LeoAM(CachePolicy):
     max_chunk: int = 256
     profile_window: int = 32
     max_chunk_share: float = 0.25
+    refine: bool = True
+    rechunk: bool = True
+    refine_rounds: int | None = 2
 
     needs_queries: ClassVar[bool] = True
     STATE: ClassVar[str] = "leoam"
@@ -100,6 +149,8 @@ class LeoAM(CachePolicy):
             self.window = min(64, (self.budget - self.sink) // 4)
         if self.sink < 0 or self.window < 0:
             raise ValueError(f"{name}: sink and window must be >= 0, got {self.sink}, {self.window}")
+        if self.refine_rounds is not None and (isinstance(self.refine_rounds, bool) or self.refine_rounds < 1):
+            raise ValueError(f"{name}: refine_rounds must be an int >= 1 or None (no limit), got {self.refine_rounds}")
         if self.budget < self.sink + self.window:
             raise ValueError(
                 f"{name}: budget={self.budget} is smaller than sink + window = {self.sink} + {self.window}: "
@@ -126,14 +177,19 @@ class LeoAM(CachePolicy):
     def attend(self, layer: PagedLayer, step: StepInfo) -> torch.Tensor | None:
         if step.query_length != 1 or layer.length <= self.budget:
             return None
-        return self.select(layer, step.queries[:, :, -1])
+        chosen = self.select(layer, step.queries[:, :, -1])
+        self._count(layer, chosen)
+        return chosen
 
     def compact(self, layer: PagedLayer, step: StepInfo) -> None:
-        # no eviction: only the chunking of what this step appended
+        # no eviction: only the chunking of what this step appended (and, with `rechunk`, the
+        # boundaries the decode attention re-derives)
         st = self._synced(layer)
         if step.is_prefill:
             self._chunk_prefill(layer, step, st)
         else:
+            if self.rechunk and step.attend is not None and step.queries is not None:
+                self._rechunk(layer, step, st)
             self._chunk_decoded(layer, st)
 
     # ---------------------------------------------------------------------------------------------
@@ -152,8 +208,10 @@ class LeoAM(CachePolicy):
         mass[max(0, n - q - start) :] = profile[max(0, start - (n - q)) :]
         page_mass = mass[: end - start].view(-1, ps).sum(dim=1)
         lo = self._pages(layer, self.min_chunk)
-        share = int(self.max_chunk_share * (self.budget - self.sink - self.window)) // ps
-        pages = profile_chunks(page_mass, lo, max(lo, min(self._pages(layer, self.max_chunk), share)))
+        hi = self._pages(layer, self.max_chunk)
+        if not self.refine:  # chunks are taken whole (the last one cut): keep them below a share of the room
+            hi = min(hi, int(self.max_chunk_share * (self.budget - self.sink - self.window)) // ps)
+        pages = profile_chunks(page_mass, lo, max(lo, hi))
         self._close(layer, st, [start + p * ps for p in pages[1:]])
 
     def _chunk_decoded(self, layer: PagedLayer, st: LeoAMState) -> None:
@@ -166,6 +224,40 @@ class LeoAM(CachePolicy):
 
     def _close(self, layer: PagedLayer, st: LeoAMState, new_bounds: list[int]) -> None:
         st.bounds.extend(new_bounds)
+
+    def _rechunk(self, layer: PagedLayer, step: StepInfo, st: LeoAMState) -> None:
+        """Boundaries that follow the decode attention (our reconstruction of "deserts vary across
+        decoding steps"): the step's query attention over the tokens it attended (softmax, mean over
+        heads; the same attention the step computed, recomputed here from the keys still on the
+        device) is summed per page; a page that drew more than a uniform share of it (1 / attended
+        pages) and sits inside a closed chunk of several pages becomes a chunk of its own. Chunks
+        nobody attended stay merged."""
+        ps, closed = layer.page_size, st.bounds[-1]
+        chosen = step.attend.to(layer.device)  # [B, A] stored indices, past tokens only
+        keys, _ = layer.gather(chosen)  # [B, Hkv, A, D]
+        q = step.queries[:, :, -1].float()  # [B, Hq, D]
+        group = q.shape[1] // keys.shape[1]
+        k = keys.float().repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("bhd,bhad->bha", q, k) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        page = chosen // ps  # [B, A] page columns
+        mass = torch.zeros(chosen.shape[0], layer.num_pages, dtype=probs.dtype, device=probs.device)
+        mass.scatter_add_(1, page, probs)
+        attended = (mass > 0).sum(dim=1, keepdim=True).clamp(min=1)
+        hot = ((mass * attended > 1).any(dim=0)).nonzero().flatten().tolist()  # pages, union over rows
+        cuts = set()
+        pos = 0
+        for p in hot:
+            a, e = p * ps, (p + 1) * ps
+            if e > closed:
+                break
+            while st.bounds[pos + 1] <= a:
+                pos += 1
+            lo, hi = st.bounds[pos], st.bounds[pos + 1]
+            if hi - lo > ps:  # a merged chunk: cut the hot page out of it
+                cuts.update(b for b in (a, e) if lo < b < hi)
+        if cuts:
+            st.bounds = sorted(set(st.bounds) | cuts)
+            st.extra.setdefault("chunk_stats", _zero_stats())["splits"] += len(cuts)
 
     def _synced(self, layer: PagedLayer) -> LeoAMState:
         """The layer's state, chunks past the stored tokens dropped (after a crop)."""
@@ -203,7 +295,100 @@ class LeoAM(CachePolicy):
         return bounds, torch.softmax(scores, dim=-1).amax(dim=1)
 
     def select(self, layer: PagedLayer, query: torch.Tensor) -> torch.Tensor:
-        """Stored indices ``[B, budget]`` (sorted) of the past tokens to attend for `query` ``[B, Hq, D]``.
+        """Stored indices ``[B, budget]`` (sorted) of the past tokens to attend for `query` ``[B, Hq, D]``
+        (`refine`: `select_refined`, else `select_chunks`)."""
+        return self.select_refined(layer, query) if self.refine else self.select_chunks(layer, query)
+
+    def select_refined(self, layer: PagedLayer, query: torch.Tensor) -> torch.Tensor:
+        """Adaptive selection: chunks are split where the query needs them (our reconstruction).
+
+        Round 1 is `select_chunks`'s ranking: every chunk scored by its abstract (bound scaled by
+        ``1/sqrt(D)``, softmax over the chunks per query head, max over heads), chunks taken in order
+        of importance until the room is full. Every chunk of more than one page taken this way is
+        split into its pages, each scored by its own page abstract (the cache keeps them on the
+        device: no K/V is read), and the ranking is redone over the new set of units (the chunks not
+        taken, one abstract each, and the pages) - until the units taken are all single pages (or
+        the open tail), or after `refine_rounds` rounds (merged chunks still reached are then taken
+        whole). So the pages a query needs are chosen by their own, tighter bounds, while
+        chunks that no query reaches ("deserts") stay one abstract each. The last unit taken may be
+        cut to fit; sinks and window as in `select_chunks`.
+        """
+        n, device, ps = layer.length, layer.device, layer.page_size
+        st = self._synced(layer)
+        bounds = list(st.bounds)
+        if n > bounds[-1]:
+            bounds.append(n)
+        kmin, kmax = self._abstracts(layer, bounds)
+        scale = query.shape[-1] ** -0.5
+        logits = abstract_scores(query, kmin, kmax) * scale  # [B, Hq, C]
+        lo_t, hi_t = self.sink, n - self.window
+        room = self.budget - self.sink - self.window
+        rows, scored = [], 0
+        for b in range(query.shape[0]):
+            units = list(zip(bounds[:-1], bounds[1:]))
+            unit_logits = logits[b]  # [Hq, U]
+            scored += len(units)
+            rounds = 0
+            while True:
+                importance = torch.softmax(unit_logits, dim=-1).amax(dim=0)
+                order = torch.argsort(importance, descending=True, stable=True).tolist()
+                left, taken, split = room, [], []
+                for u in order:
+                    if left <= 0:
+                        break
+                    a, e = units[u]
+                    cost = min(e, hi_t) - max(a, lo_t)
+                    if cost <= 0:
+                        continue
+                    if math.ceil(e / ps) - a // ps > 1:
+                        split.append(u)
+                    taken.append((max(a, lo_t), max(a, lo_t) + min(cost, left)))
+                    left -= min(cost, left)
+                if not split or (self.refine_rounds is not None and rounds >= self.refine_rounds):
+                    break
+                rounds += 1
+                new_units, columns = [], []
+                for u in split:  # the pages of the taken merged chunks, scored in one call
+                    a, e = units[u]
+                    p0, p1 = a // ps, math.ceil(e / ps)
+                    columns += range(p0, p1)
+                    new_units += [(max(p * ps, a), min((p + 1) * ps, e)) for p in range(p0, p1)]
+                table = layer.page_table[b, columns].to(device)
+                pmin = layer.pool.kmin[table].permute(1, 0, 2)[None]  # [1, Hkv, pages, D]
+                pmax = layer.pool.kmax[table].permute(1, 0, 2)[None]
+                new_logits = abstract_scores(query[b : b + 1], pmin, pmax)[0] * scale  # [Hq, pages]
+                scored += len(columns)
+                gone = set(split)
+                keep = [u for u in range(len(units)) if u not in gone]
+                units = [units[u] for u in keep] + new_units
+                unit_logits = torch.cat([unit_logits[:, keep], new_logits], dim=1)
+            taken.sort()
+            rows.append(torch.cat([torch.arange(s, t, device=device) for s, t in [(0, 0), *taken]]))
+        st.extra["last_scored"] = scored / max(query.shape[0], 1)
+        batch = query.shape[0]
+        sinks = torch.arange(self.sink, device=device).expand(batch, -1)
+        window = torch.arange(n - self.window, n, device=device).expand(batch, -1)
+        return torch.cat([sinks, torch.stack(rows), window], dim=1)
+
+    def _count(self, layer: PagedLayer, chosen: torch.Tensor) -> None:
+        """Per-layer cost counters of the selection (`chunk_stats`): abstracts scored per row, and the
+        transfers the chosen pages outside sinks and window make (runs of consecutive pages)."""
+        st = self.state(layer)
+        stats = st.extra.setdefault("chunk_stats", _zero_stats())
+        ps = layer.page_size
+        middle = chosen[:, self.sink : chosen.shape[1] - self.window] if self.window else chosen[:, self.sink :]
+        for row in middle.cpu():
+            pages = torch.unique(row // ps)
+            runs = 1 + int((pages.diff() != 1).sum()) if pages.numel() else 0
+            stats["rows"] += 1
+            stats["pages"] += int(pages.numel())
+            stats["runs"] += runs
+        stats["steps"] += 1
+        stats["abstracts"] += st.extra.pop("last_scored", 0) * chosen.shape[0]
+
+    def select_chunks(self, layer: PagedLayer, query: torch.Tensor) -> torch.Tensor:
+        """Stored indices ``[B, budget]`` (sorted) of the past tokens to attend for `query` ``[B, Hq, D]``,
+        whole chunks in order of importance (the prefill-only rule, ``refine=False``).
 
         Works on chunks, not tokens (O(chunks + budget)): a chunk's candidates - its tokens outside
         the sinks and the window - are one contiguous range, and chunks in order of importance take
@@ -211,6 +396,7 @@ class LeoAM(CachePolicy):
         """
         n, device = layer.length, layer.device
         bounds, importance = self.chunk_importance(layer, query)
+        self.state(layer).extra["last_scored"] = len(bounds) - 1
         batch = importance.shape[0]
         b = torch.tensor(bounds, device=device)
         first = b[:-1].clamp(min=self.sink)  # candidates of chunk c: [first, last)

@@ -242,7 +242,9 @@ class LeoAMCache(PagedCache):
         host_budget: tokens per layer in host memory (None: unbounded, nothing goes to disk).
         disk_dir: where the disk tier makes its directory (None: the system temporary directory).
         budget: past tokens attended per decode step (default: half the device budget).
-        sink, window, min_chunk, max_chunk, profile_window: as in `LeoAM`.
+        sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds: as in `LeoAM` (`refine`:
+            adaptive selection, merged chunks split into pages where the query needs them; False: the
+            prefill-only chunks, taken whole).
         page_size: tokens per page (the granularity of chunks and transfers).
         compress: 8-bit min/max compression of disk pages (False: raw, lossless).
         prefetch: speculative prefetch of the next layer's chunks on the background thread. None
@@ -265,6 +267,9 @@ class LeoAMCache(PagedCache):
         min_chunk: int = 16,
         max_chunk: int = 256,
         profile_window: int = 32,
+        refine: bool = True,
+        rechunk: bool = True,
+        refine_rounds: int | None = 2,
         page_size: int = 16,
         compress: bool = True,
         prefetch: bool | None = None,
@@ -296,6 +301,9 @@ class LeoAMCache(PagedCache):
             min_chunk=min_chunk,
             max_chunk=max_chunk,
             profile_window=profile_window,
+            refine=refine,
+            rechunk=rechunk,
+            refine_rounds=refine_rounds,
         )
         store = CompressedDiskStore(disk_dir, group=head_dim, compress=compress)
         super().__init__(
