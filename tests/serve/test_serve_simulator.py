@@ -219,3 +219,5 @@ def test_max_num_seqs_defaults_to_vllms_rule_for_the_device():
     assert sum(r.first_token_time >= first_finish for r in capped) == 8
     free = simulate("chunked", burst).records  # default: 1024 seats, nobody waits for a seat
     assert all(r.first_token_time < min(r.finish_time for r in free) for r in free)
+    with Engine(tiny_model("llama"), page_size=8, num_pages=16) as engine:  # a CPU engine: 64 seats
+        assert engine.core.max_num_seqs == 64

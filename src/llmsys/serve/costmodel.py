@@ -116,6 +116,12 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def vllm_max_num_seqs(memory_bytes: float, device_name: str) -> int:
+    """vLLM v1's default cap on admitted requests for a GPU: 1024 with at least 70 GiB of memory
+    (H100, H200, MI300X; vLLM excludes the A100, on which it measured a regression), 256 otherwise."""
+    return 1024 if memory_bytes >= 70 * 2**30 and "a100" not in device_name.lower() else 256
+
+
 @dataclass(frozen=True)
 class Profile:
     """Hardware numbers of the cost model for one device (see the module docstring for the formula).
@@ -181,11 +187,9 @@ class Profile:
         return max(0, int(free // self.model.kv_bytes_per_token)) if self.memory_bytes else 0
 
     def default_max_num_seqs(self) -> int:
-        """How many requests an engine on this device admits at once, by vLLM's rule (v1 engine
-        defaults): 1024 on GPUs with at least 70 GiB (H100, H200, MI300X; vLLM excludes the A100,
-        on which it measured a regression), 256 elsewhere and when the memory is unknown."""
-        big = self.concurrent and self.memory_bytes >= 70 * 2**30 and "a100" not in self.device.lower()
-        return 1024 if big else 256
+        """How many requests an engine on this device admits at once (`vllm_max_num_seqs`); 256 when
+        the profile is not a GPU's or its memory is unknown."""
+        return vllm_max_num_seqs(self.memory_bytes, self.device) if self.concurrent else 256
 
     def with_model(self, model: ModelShape) -> Profile:
         """The same hardware applied to another model shape."""

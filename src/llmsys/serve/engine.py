@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from llmsys.serve.core import Completion, ServingCore, run_serial_round
-from llmsys.serve.costmodel import BatchWork, CostModel, ModelShape, Profile, default_profile
+from llmsys.serve.costmodel import BatchWork, CostModel, ModelShape, Profile, default_profile, vllm_max_num_seqs
 from llmsys.serve.errors import EngineClosedError, PromptTooLongError, RequestNotFoundError
 from llmsys.serve.metrics import RequestRecord
 from llmsys.serve.partition import ExecutionInfo, LaneStreams
@@ -99,7 +99,8 @@ class Engine:
         scheduler: "fcfs", "chunked", "static", "nexus" or a `Scheduler` instance.
         page_size: tokens per KV page.
         num_pages: pages per layer in the pool (None: 1024 on a CPU; on CUDA, half the free memory).
-        max_num_seqs: most requests admitted (holding pages) at once.
+        max_num_seqs: most requests admitted (holding pages) at once (None: on CUDA vLLM's default for
+            the device, 1024 on an H100-class GPU and 256 on smaller ones; 64 on a CPU).
         profile: cost-model profile for a Nexus scheduler made by name (default: `default_profile()`
             applied to this model's shape).
         kernel_backend: backend of `paged_decode_attention` (default "auto" on CUDA, "reference" on CPU).
@@ -115,7 +116,7 @@ class Engine:
         *,
         page_size: int = 16,
         num_pages: int | None = None,
-        max_num_seqs: int = 64,
+        max_num_seqs: int | None = None,
         profile: Profile | None = None,
         kernel_backend: str | None = None,
         use_green_contexts: bool = True,
@@ -124,6 +125,8 @@ class Engine:
         device = next(model.parameters()).device
         if num_pages is None:
             num_pages = _default_num_pages(model, page_size, device)
+        if max_num_seqs is None:
+            max_num_seqs = _default_max_num_seqs(device)
         self.model = model
         self.runner = ModelRunner(model, page_size=page_size, num_pages=num_pages, kernel_backend=kernel_backend)
         if isinstance(scheduler, str) and scheduler == "nexus":
@@ -457,6 +460,13 @@ def _default_num_pages(model: nn.Module, page_size: int, device: torch.device) -
     page_bytes = 2 * hkv * page_size * hd * itemsize * len(decoder_layers(model))
     free, _ = torch.cuda.mem_get_info(device)
     return max(16, int(0.5 * free // page_bytes))
+
+
+def _default_max_num_seqs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 64  # a CPU engine serves tiny models; its batches stay small
+    props = torch.cuda.get_device_properties(device)
+    return vllm_max_num_seqs(props.total_memory, props.name)
 
 
 __all__ = ["Engine", "RequestOutput", "TokenEvent"]
