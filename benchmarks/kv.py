@@ -130,7 +130,7 @@ def leoam_factory(budget: int, adaptive: bool = True) -> Callable[[Any], Any]:
     from llmsys.registry import get_method
 
     leoam = get_method("leoam")
-    kw = {} if adaptive else {"refine": False, "rechunk": False}
+    kw = {"count_cost": True} | ({} if adaptive else {"refine": False, "rechunk": False})
     return lambda model: PagedCache.from_model(model, policy=leoam(budget=budget, **kw), page_size=PAGE_SIZE)
 
 
@@ -141,7 +141,7 @@ def leoam_tiered_factory(budget: int, adaptive: bool = True) -> Callable[[Any], 
     from llmsys.kv import LeoAMCache
 
     window = min(64, (budget - SINKS) // 4)  # LeoAM's own default window for this budget
-    kw = {} if adaptive else {"refine": False, "rechunk": False}
+    kw = {"count_cost": True} | ({} if adaptive else {"refine": False, "rechunk": False})
     return lambda model: LeoAMCache.from_model(
         model, device_budget=budget + 5 * PAGE_SIZE, host_budget=budget, budget=budget, sink=SINKS, window=window,
         page_size=PAGE_SIZE, **kw,

@@ -204,12 +204,6 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
         ys = [r["decode_ms"].get(name) for r in rows]
         if all(isinstance(y, (int, float)) for y in ys):
             ax.plot(contexts, ys, marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode ms / token (median)")
-    ax.set_title("decode latency", fontsize=10)
-    ax.legend(fontsize=8)
     bx.plot(contexts, [r["offload_bytes_moved_per_token"] for r in rows], marker="o", label="offload: moved")
     bx.plot(contexts, [r["leoam_bytes_moved_per_token"] or 0 for r in rows], marker="o", label="leoam: moved")
     bx.plot(
@@ -222,12 +216,14 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> Path:
     bx.plot(
         contexts, [max(r["leoam_disk_bytes_per_token"], 1) for r in rows], marker="s", ls="--", label="leoam: disk read"
     )
-    bx.set_xscale("log", base=2)
-    bx.set_yscale("log")
-    bx.set_xlabel("context (tokens)")
-    bx.set_ylabel("bytes per decoded token")
-    bx.set_title("bytes per token", fontsize=10)
-    bx.legend(fontsize=8)
+    for axis, ylabel, panel in ((ax, "decode ms / token (median)", "decode latency"),
+                                (bx, "bytes per decoded token", "bytes per token")):  # fmt: skip
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(panel, fontsize=10)
+        axis.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

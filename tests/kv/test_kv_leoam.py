@@ -14,7 +14,7 @@ from llmsys.kv import LeoAM, LeoAMCache
 from llmsys.kv.chunking import profile_chunks
 from llmsys.models import forward, generate
 from llmsys.registry import get_method
-from llmsys.testing import every_dense_family, tiny_model
+from llmsys.testing import every_dense_family, greedy_logits, tiny_model
 
 LENGTH = 120
 
@@ -348,14 +348,8 @@ MODEL = tiny_model("qwen2")
 
 
 def _logits(cache, ids: torch.Tensor, new: int) -> torch.Tensor:
-    steps = []
     with torch.no_grad():
-        out = forward(MODEL, ids, cache=cache)
-        steps.append(out.logits[:, -1])
-        for _ in range(new):
-            out = forward(MODEL, out.logits[:, -1:].argmax(-1), cache=cache)
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps)
+        return greedy_logits(MODEL, forward(MODEL, ids, cache=cache), cache, new)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -393,3 +387,15 @@ def test_beam_search_reorders_rows_under_selection():
         out = generate(model, ids, cache=cache, **kw)  # selection after every reorder
         assert out.shape == plain.shape
         cache.check()
+
+
+def test_selection_cost_is_counted_only_when_asked():
+    from llmsys.kv.leoam import chunk_stats
+
+    kw = dict(budget=40, sink=3, window=6, min_chunk=8, max_chunk=64)
+    _, counted = _run(LeoAM(**kw, count_cost=True), new=3)
+    _, silent = _run(LeoAM(**kw), new=3)
+    with counted, silent:
+        stats = chunk_stats(counted)
+        assert stats["steps"] > 0 and stats["abstracts_per_step"] > 0 and stats["pages_per_step"] > 0
+        assert chunk_stats(silent)["steps"] == 0

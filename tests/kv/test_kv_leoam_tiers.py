@@ -24,7 +24,7 @@ from llmsys.kv import (
     quantize_minmax,
 )
 from llmsys.models import forward, generate
-from llmsys.testing import tiny_model
+from llmsys.testing import greedy_logits, tiny_model
 
 SETUP = dict(budget=48, sink=4, window=8, min_chunk=8, max_chunk=32, page_size=8)
 
@@ -35,20 +35,13 @@ def _ids(batch: int = 2, length: int = 160, seed: int = 0) -> torch.Tensor:
 
 def _decode(model, cache, ids: torch.Tensor, new: int, on_step=None) -> torch.Tensor:
     """Greedy decode `new` tokens after `cache.prefill` (or a plain prefill): [new, B, vocab] logits."""
-    steps = []
     with torch.no_grad():
         if isinstance(cache, LeoAMCache):
             cache.prefill(model, ids)
             out = forward(model, ids[:, -1:], cache=cache)
         else:
             out = forward(model, ids, cache=cache)
-        steps.append(out.logits[:, -1])
-        for _ in range(new - 1):
-            if on_step is not None:
-                on_step()
-            out = forward(model, out.logits[:, -1:].argmax(-1), cache=cache)
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps)
+        return greedy_logits(model, out, cache, new - 1, on_step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,18 +68,12 @@ def test_lossless_tiers_give_the_on_device_policy_exactly(tmp_path):
 
 def _decode_plain_chunks(model, cache, ids, new, chunk):
     """The same token stream as `LeoAMCache.prefill` (chunks of `chunk`) + decode, on a plain PagedCache."""
-    steps = []
     with torch.no_grad():
         body = ids[:, :-1]
         for start in range(0, body.shape[1], chunk):
             piece = body[:, start : start + chunk]
             forward(model, piece, cache=cache, position_ids=torch.arange(start, start + piece.shape[1])[None])
-        out = forward(model, ids[:, -1:], cache=cache)
-        steps.append(out.logits[:, -1])
-        for _ in range(new - 1):
-            out = forward(model, out.logits[:, -1:].argmax(-1), cache=cache)
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps)
+        return greedy_logits(model, forward(model, ids[:, -1:], cache=cache), cache, new - 1)
 
 
 def test_max_prefill_chunk_used_by_the_reference_above():

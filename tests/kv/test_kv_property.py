@@ -15,7 +15,7 @@ from llmsys.cache import CachePolicy, PagedCache
 from llmsys.kv import Full
 from llmsys.models import forward
 from llmsys.registry import get_method, list_methods
-from llmsys.testing import tiny_model
+from llmsys.testing import greedy_logits, tiny_model
 
 MODEL = tiny_model("qwen2")  # GQA, biases: built once (hypothesis runs the body many times)
 
@@ -36,14 +36,8 @@ def _build(name: str, budget: int, data: st.DataObject) -> CachePolicy:
 
 def _logits(policy: CachePolicy, ids: torch.Tensor, new: int, page_size: int) -> torch.Tensor:
     """Prefill logits of the last token, then `new` greedy decode steps: [new + 1, B, vocab]."""
-    steps = []
     with PagedCache.from_model(MODEL, policy=policy, page_size=page_size) as cache, torch.no_grad():
-        out = forward(MODEL, ids, cache=cache)
-        steps.append(out.logits[:, -1])
-        for _ in range(new):
-            out = forward(MODEL, out.logits[:, -1:].argmax(-1), cache=cache)
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps)
+        return greedy_logits(MODEL, forward(MODEL, ids, cache=cache), cache, new)
 
 
 def test_every_kv_policy_is_checked():

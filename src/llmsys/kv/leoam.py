@@ -63,11 +63,11 @@ def _zero_stats() -> dict[str, float]:
 
 
 def chunk_stats(cache: Any) -> dict[str, float]:
-    """LeoAM's selection cost over a cache's layers: decode selections (``steps``, per layer and row:
-    ``rows``), ``abstracts_per_step`` (chunk + page abstracts scored per layer, row and step),
-    ``pages_per_step`` (pages chosen outside sinks and window), ``transfer_pages`` (mean run of
-    consecutive chosen pages: what one transfer moves when they are not on the device) and
-    ``splits`` (boundaries `rechunk` added)."""
+    """LeoAM's selection cost over a cache's layers (policies made with ``count_cost=True``):
+    decode selections (``steps``, per layer and row: ``rows``), ``abstracts_per_step`` (chunk + page
+    abstracts scored per layer, row and step), ``pages_per_step`` (pages chosen outside sinks and
+    window), ``transfer_pages`` (mean run of consecutive chosen pages: what one transfer moves when
+    they are not on the device) and ``splits`` (boundaries `rechunk` added)."""
     total = _zero_stats()
     for layer in getattr(cache, "layers", []):
         st = layer.policy_state.get(LeoAM.STATE)
@@ -117,6 +117,9 @@ class LeoAM(CachePolicy):
             (`select_chunks`: chunks taken whole in order of importance, the last one cut).
         rechunk: after each decode step, split the pages the step's query actually attended to
             most out of their merged chunk (boundaries follow the decode attention).
+        count_cost: count the selection's cost per layer (`chunk_stats`: abstracts scored, pages
+            chosen, transfer runs). Off by default: counting the runs reads the chosen indices back to the
+            host at every step and layer.
         refine_rounds: at most this many split rounds per selection (then merged chunks still taken
             are taken whole, the last one cut); None: until only pages are taken. Each round is a
             re-ranking: 2 gave the same accuracy as None on the full quality grid at about half the
@@ -133,6 +136,7 @@ class LeoAM(CachePolicy):
     refine: bool = True
     rechunk: bool = True
     refine_rounds: int | None = 2
+    count_cost: bool = False
 
     needs_queries: ClassVar[bool] = True
     STATE: ClassVar[str] = "leoam"
@@ -178,7 +182,8 @@ class LeoAM(CachePolicy):
         if step.query_length != 1 or layer.length <= self.budget:
             return None
         chosen = self.select(layer, step.queries[:, :, -1])
-        self._count(layer, chosen)
+        if self.count_cost:
+            self._count(layer, chosen)
         return chosen
 
     def compact(self, layer: PagedLayer, step: StepInfo) -> None:

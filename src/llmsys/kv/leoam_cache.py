@@ -242,9 +242,9 @@ class LeoAMCache(PagedCache):
         host_budget: tokens per layer in host memory (None: unbounded, nothing goes to disk).
         disk_dir: where the disk tier makes its directory (None: the system temporary directory).
         budget: past tokens attended per decode step (default: half the device budget).
-        sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds: as in `LeoAM` (`refine`:
-            adaptive selection, merged chunks split into pages where the query needs them; False: the
-            prefill-only chunks, taken whole).
+        sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds, count_cost:
+            as in `LeoAM` (`refine`: adaptive selection, merged chunks split into pages where the query
+            needs them; False: the prefill-only chunks, taken whole).
         page_size: tokens per page (the granularity of chunks and transfers).
         compress: 8-bit min/max compression of disk pages (False: raw, lossless).
         prefetch: speculative prefetch of the next layer's chunks on the background thread. None
@@ -270,6 +270,7 @@ class LeoAMCache(PagedCache):
         refine: bool = True,
         rechunk: bool = True,
         refine_rounds: int | None = 2,
+        count_cost: bool = False,
         page_size: int = 16,
         compress: bool = True,
         prefetch: bool | None = None,
@@ -304,6 +305,7 @@ class LeoAMCache(PagedCache):
             refine=refine,
             rechunk=rechunk,
             refine_rounds=refine_rounds,
+            count_cost=count_cost,
         )
         store = CompressedDiskStore(disk_dir, group=head_dim, compress=compress)
         super().__init__(

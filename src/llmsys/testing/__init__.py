@@ -2,6 +2,7 @@
 
 from llmsys.testing.analytic import analytic_retrieval_model
 from llmsys.testing.battery import every_dense_family, every_family, every_moe_family
+from llmsys.testing.decode import greedy_logits
 from llmsys.testing.models import DENSE_FAMILIES, MOE_FAMILIES, TINY_VOCAB, tiny_config, tiny_model
 from llmsys.testing.reference import (
     ReferenceWeightsMissing,
@@ -19,6 +20,7 @@ __all__ = [
     "every_dense_family",
     "every_family",
     "every_moe_family",
+    "greedy_logits",
     "local_tokenizer",
     "tiny_config",
     "tiny_model",
