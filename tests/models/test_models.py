@@ -99,12 +99,13 @@ def test_unsupported_model_names_the_supported_families():
 
 def test_cache_kwarg_round_trip():
     model = tiny_model("llama")
-    ids = torch.randint(3, 500, (1, 6))
+    ids = torch.randint(3, 500, (1, 6), generator=torch.Generator().manual_seed(0))
     out = models.forward(model, ids[:, :5], use_cache=True)
     cache = models.output_cache(out)
     assert cache is not None and cache.get_seq_length() == 5
     step = models.forward(model, ids[:, 5:], cache=cache)
     full = models.forward(model, ids)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
-    gen = models.generate(model, ids, max_new_tokens=3, do_sample=False)
+    # min_new_tokens: the random tiny model may emit its EOS id, which would end generation early
+    gen = models.generate(model, ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 9)
