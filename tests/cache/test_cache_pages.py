@@ -4,13 +4,14 @@ and page ownership right (compared against a plain tensor model)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmsys.cache import CacheError, PagedLayer, TierContext
+from llmsys.cache import CacheError, KeepAll, PagedLayer, PagePool, TierContext
 
 HEADS, DIM = 2, 4
 SETTINGS = settings(
@@ -41,6 +42,13 @@ class Reference:
         self.index = self.index[rows, idx]
 
 
+@dataclass
+class FineAbstracts(KeepAll):
+    """KeepAll, with pools that keep abstracts per run of `abstract_tokens` tokens too."""
+
+    abstract_tokens: int | None = None
+
+
 def _check(layer: PagedLayer, ref: Reference) -> None:
     layer.check()
     assert layer.length == ref.keys.shape[2]
@@ -58,6 +66,22 @@ def _check(layer: PagedLayer, ref: Reference) -> None:
         chunk = ref.keys[:, :, j * ps : (j + 1) * ps]
         assert torch.equal(kmin[:, :, j], chunk.amin(dim=2)), f"kmin of page {j}"
         assert torch.equal(kmax[:, :, j], chunk.amax(dim=2)), f"kmax of page {j}"
+    pool = layer.pool
+    if pool.sub_kmin is None:
+        return
+    # fine abstracts (`abstract_tokens`): one per run of a page, +inf / -inf for a run holding no token
+    table = layer.page_table.to(pool.device)
+    sub_min, sub_max = pool.sub_kmin[table], pool.sub_kmax[table]  # [B, pages, runs, H, D]
+    run = pool.abstract_tokens
+    for j in range(math.ceil(layer.length / ps)):
+        for r in range(pool.sub_pages):
+            lo = j * ps + r * run
+            if lo >= layer.length:
+                assert torch.isinf(sub_min[:, j, r]).all() and torch.isinf(sub_max[:, j, r]).all()
+                continue
+            chunk = ref.keys[:, :, lo : min(lo + run, layer.length)]
+            assert torch.equal(sub_min[:, j, r], chunk.amin(dim=2)), f"sub_kmin of page {j} run {r}"
+            assert torch.equal(sub_max[:, j, r], chunk.amax(dim=2)), f"sub_kmax of page {j} run {r}"
 
 
 operation = st.one_of(
@@ -77,11 +101,12 @@ operation = st.one_of(
     page_size=st.sampled_from([1, 3, 4]),
     ops=st.lists(operation, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
+    fine=st.sampled_from([None, 1, 2]),
 )
-def test_random_operations_keep_content_order_and_ownership(batch, page_size, ops, seed):
+def test_random_operations_keep_content_order_and_ownership(batch, page_size, ops, seed, fine):
     gen = torch.Generator().manual_seed(seed)
     tiers = TierContext()
-    layer = PagedLayer(page_size, layer_idx=3, tiers=tiers)
+    layer = PagedLayer(page_size, policy=FineAbstracts(abstract_tokens=fine), layer_idx=3, tiers=tiers)
     ref = Reference(batch)
     try:
         for op in ops:
@@ -201,3 +226,40 @@ def test_keep_rejects_bad_indices():
             continue
         raise AssertionError(f"keep({bad.tolist()}) was accepted")
     layer.check()
+
+
+@pytest.mark.parametrize(("page_size", "asked", "run"), [(8, 2, 2), (8, 3, 4), (6, 4, 6), (5, None, 5)])
+def test_fine_abstracts_follow_store_and_copy(page_size, asked, run):
+    # rewritten pages (`store_pages`, e.g. TIM's key re-rotation) and copied pages (duplicated rows)
+    # carry exact fine abstracts; a run of the page size means none are kept
+    pool = PagePool(HEADS, DIM, page_size, torch.float32, "cpu", abstract_tokens=asked)
+    assert pool.abstract_tokens == run and pool.sub_pages == page_size // run
+    ids = pool.allocate(2)
+    keys = torch.randn(2, HEADS, page_size, DIM)
+    fills = [page_size, page_size - 3]
+    pool.store_pages(ids, keys, torch.randn_like(keys), fills)
+    copies = pool.copy_pages(ids)
+    if pool.sub_pages == 1:
+        assert pool.sub_kmin is None
+        return
+    for page, fill in enumerate(fills):
+        for r in range(pool.sub_pages):
+            lo, hi = r * run, min((r + 1) * run, fill)
+            for pid in (ids[page], copies[page]):
+                if lo >= fill:
+                    assert torch.isinf(pool.sub_kmin[pid, r]).all()
+                    continue
+                assert torch.equal(pool.sub_kmin[pid, r], keys[page, :, lo:hi].amin(dim=1))
+                assert torch.equal(pool.sub_kmax[pid, r], keys[page, :, lo:hi].amax(dim=1))
+
+
+def test_fine_abstracts_reject_a_bad_size():
+    with pytest.raises(ValueError, match="abstract_tokens"):
+        PagePool(HEADS, DIM, 8, torch.float32, "cpu", abstract_tokens=0)
+
+
+def test_abstract_bytes_count_page_and_fine_abstracts():
+    for asked, per_page in ((None, 1), (2, 1 + 4)):
+        pool = PagePool(HEADS, DIM, 8, torch.float32, "cpu", abstract_tokens=asked)
+        pool.allocate(3)
+        assert pool.abstract_bytes() == 3 * per_page * 2 * HEADS * DIM * 4  # min and max, fp32

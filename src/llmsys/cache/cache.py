@@ -201,6 +201,10 @@ class PagedCache(Cache):
                 total[tier] += nbytes
         return total
 
+    def abstract_bytes(self) -> int:
+        """Bytes of the key abstracts the pools keep on the device (`PagePool.abstract_bytes`)."""
+        return sum(layer.pool.abstract_bytes() for layer in self.layers if layer.pool is not None)
+
     def bytes_moved(self) -> dict[str, int]:
         """Bytes copied between tiers so far, keyed "src->dst", summed over layers."""
         total: Counter[str] = Counter()

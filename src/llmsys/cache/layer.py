@@ -151,6 +151,7 @@ class PagedLayer(CacheLayerMixin):
             layer_idx=self.layer_idx,
             tiers=self.tiers,
             max_device_pages=self.max_device_pages,
+            abstract_tokens=getattr(self.policy, "abstract_tokens", None),
         )
         self._start_batch(batch)
         self.is_initialized = True

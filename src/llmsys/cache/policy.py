@@ -66,10 +66,13 @@ class CachePolicy:
     """Base policy: attend to everything, keep everything, leave pages where they are.
 
     Subclass it (a ``@dataclass`` whose fields are the hyper-parameters) and override what the
-    method changes. Set the class attribute ``needs_queries = True`` to receive ``step.queries``.
+    method changes. Set the class attribute ``needs_queries = True`` to receive ``step.queries``,
+    and ``abstract_tokens`` to have each page pool keep finer key abstracts (`PagePool`).
     """
 
     needs_queries: bool = False
+    #: tokens per fine key abstract the pools keep besides the per-page ones (None: per page only)
+    abstract_tokens: int | None = None
 
     def attend_length(self, layer: PagedLayer, query_length: int) -> int | None:
         """Past tokens `attend` will return at the coming step (None: all stored ones)."""

@@ -8,7 +8,10 @@ placement, never its id, so page tables stay valid while pages travel.
 Per-page metadata is kept for every owned page on the device, whatever the page's placement: the
 element-wise min and max of the keys stored in it, ``kmin/kmax [ids, Hkv, D]`` (the "abstracts"
 that Quest and LeoAM score against queries). They are updated incrementally on every write
-(``index_reduce_`` with amin/amax) and reset when a page is allocated.
+(``index_reduce_`` with amin/amax) and reset when a page is allocated. With ``abstract_tokens`` below
+the page size the pool also keeps finer abstracts, one per run of `abstract_tokens` tokens of a page,
+``sub_kmin/sub_kmax [ids, sub_pages, Hkv, D]`` (LeoAM scores a page by the best of them: a tighter
+upper bound of the page's best ``q·k`` than the page's own min/max), maintained at the same points.
 
 Clean copies (``keep_clean_copies = True``, off by default): a page brought to the device from the
 host or disk keeps its lower-tier copy until the page is written, so moving it back down to that
@@ -34,8 +37,40 @@ from llmsys.cache.tiers import DEVICE, DISK, HOST, TIERS, PrefetchHandle, Tier, 
 logger = logging.getLogger(__name__)
 
 FREE = -1
+
+
 _CODE: dict[str, int] = {DEVICE: 0, HOST: 1, DISK: 2}
 _NAME: dict[int, Tier] = {0: DEVICE, 1: HOST, 2: DISK}
+
+
+def fine_abstract_tokens(page_size: int, abstract_tokens: int | None) -> int:
+    """Tokens per fine abstract of a page: the smallest divisor of `page_size` that is at least
+    `abstract_tokens` (None: the page size, i.e. one abstract per page)."""
+    if abstract_tokens is None:
+        return page_size
+    if isinstance(abstract_tokens, bool) or not isinstance(abstract_tokens, int) or abstract_tokens < 1:
+        raise ValueError(f"abstract_tokens must be an int >= 1 or None, got {abstract_tokens!r}")
+    return next(d for d in range(min(abstract_tokens, page_size), page_size + 1) if page_size % d == 0)
+
+
+def _reduce_minmax(kmin: torch.Tensor, kmax: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> None:
+    """kmin/kmax[ids] = min/max(kmin/kmax[ids], keys) in place, with repeated ids (a segmented reduction)."""
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    if uniq.numel() == ids.numel():  # decode: one new token per page
+        kmin[ids] = torch.minimum(kmin[ids], keys)
+        kmax[ids] = torch.maximum(kmax[ids], keys)
+        return
+    # (scatter_reduce is ~1000x slower on CPU; index_reduce is still beta): group the tokens of
+    # each page into a padded [pages, width, H, D] buffer and reduce over the width
+    order = torch.argsort(inverse, stable=True)
+    group = inverse[order]
+    rank = torch.arange(ids.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[group]
+    buf = keys.new_full((uniq.numel(), int(counts.max()), *keys.shape[1:]), float("inf"))
+    buf[group, rank] = keys[order]
+    kmin[uniq] = torch.minimum(kmin[uniq], buf.amin(dim=1))
+    buf.fill_(float("-inf"))
+    buf[group, rank] = keys[order]
+    kmax[uniq] = torch.maximum(kmax[uniq], buf.amax(dim=1))
 
 
 def _as_id_list(page_ids: torch.Tensor | Iterable[int] | int) -> list[int]:
@@ -115,10 +150,14 @@ class PagePool:
         layer_idx: int = 0,
         tiers: TierContext | None = None,
         max_device_pages: int | None = None,
+        abstract_tokens: int | None = None,
     ):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.num_heads, self.head_dim, self.page_size = num_heads, head_dim, page_size
+        #: tokens per fine abstract: the smallest divisor of the page size >= the one asked for
+        self.abstract_tokens = fine_abstract_tokens(page_size, abstract_tokens)
+        self.sub_pages = page_size // self.abstract_tokens
         self.page_shape = (num_heads, page_size, head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -133,6 +172,11 @@ class PagePool:
         self.free_ids: list[int] = []
         self.kmin = torch.empty((0, num_heads, head_dim), dtype=dtype, device=self.device)
         self.kmax = torch.empty((0, num_heads, head_dim), dtype=dtype, device=self.device)
+        self.sub_kmin: torch.Tensor | None = None  # [ids, sub_pages, Hkv, D] when sub_pages > 1
+        self.sub_kmax: torch.Tensor | None = None
+        if self.sub_pages > 1:
+            self.sub_kmin = torch.empty((0, self.sub_pages, num_heads, head_dim), dtype=dtype, device=self.device)
+            self.sub_kmax = torch.empty_like(self.sub_kmin)
         self._inflight: dict[int, PrefetchHandle] = {}
         #: keep a page's host/disk copy when it moves to the device, until it is written (see module doc)
         self.keep_clean_copies = False
@@ -191,6 +235,12 @@ class PagePool:
         """Bytes held by the pages placed on each tier (whole pages, keys and values)."""
         return {tier: self.pages_on(tier) * self.page_bytes for tier in TIERS}
 
+    def abstract_bytes(self) -> int:
+        """Bytes of the key abstracts (per page, and fine ones when kept) of the owned pages: device
+        memory beside the pages, whatever their tier."""
+        per_page = (1 + (self.sub_pages if self.sub_kmin is not None else 0)) * 2 * self.num_heads * self.head_dim
+        return len(self.owned()) * per_page * self.kmin.element_size()
+
     def device_slots(self, page_ids: torch.Tensor) -> torch.Tensor:
         """Device-pool slots of pages (any shape) that are on the device, as a tensor on the device."""
         flat = page_ids.reshape(-1).cpu()
@@ -220,6 +270,10 @@ class PagePool:
         pad = torch.empty((new - old, self.num_heads, self.head_dim), dtype=self.dtype, device=self.device)
         self.kmin = torch.cat([self.kmin, pad.fill_(float("inf"))])
         self.kmax = torch.cat([self.kmax, pad.fill_(float("-inf"))])
+        if self.sub_kmin is not None:
+            sub = pad[:, None].expand(-1, self.sub_pages, -1, -1)
+            self.sub_kmin = torch.cat([self.sub_kmin, sub.clone().fill_(float("inf"))])
+            self.sub_kmax = torch.cat([self.sub_kmax, sub.clone().fill_(float("-inf"))])
         self.free_ids.extend(range(new - 1, old - 1, -1))
 
     def _check_budget(self, extra_device_pages: int) -> None:
@@ -257,6 +311,9 @@ class PagePool:
         idx = torch.tensor(ids, device=self.device)
         self.kmin[idx] = float("inf")
         self.kmax[idx] = float("-inf")
+        if self.sub_kmin is not None:
+            self.sub_kmin[idx] = float("inf")
+            self.sub_kmax[idx] = float("-inf")
         return ids
 
     def free(self, page_ids: torch.Tensor | Iterable[int]) -> None:
@@ -332,26 +389,12 @@ class PagePool:
         keys = keys.to(self.device, self.dtype)
         self.device_store.keys[slots, :, offs] = keys
         self.device_store.values[slots, :, offs] = values.to(self.device, self.dtype)
-        self._update_abstracts(ids_cpu.to(self.device), keys)
-
-    def _update_abstracts(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
-        """kmin/kmax[ids] = min/max(kmin/kmax[ids], keys), with repeated ids (a segmented reduction)."""
-        uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        if uniq.numel() == ids.numel():  # decode: one new token per page
-            self.kmin[ids] = torch.minimum(self.kmin[ids], keys)
-            self.kmax[ids] = torch.maximum(self.kmax[ids], keys)
-            return
-        # (scatter_reduce is ~1000x slower on CPU; index_reduce is still beta): group the tokens of
-        # each page into a padded [pages, width, H, D] buffer and reduce over the width
-        order = torch.argsort(inverse, stable=True)
-        group = inverse[order]
-        rank = torch.arange(ids.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[group]
-        buf = keys.new_full((uniq.numel(), int(counts.max()), *keys.shape[1:]), float("inf"))
-        buf[group, rank] = keys[order]
-        self.kmin[uniq] = torch.minimum(self.kmin[uniq], buf.amin(dim=1))
-        buf.fill_(float("-inf"))
-        buf[group, rank] = keys[order]
-        self.kmax[uniq] = torch.maximum(self.kmax[uniq], buf.amax(dim=1))
+        ids = ids_cpu.to(self.device)
+        _reduce_minmax(self.kmin, self.kmax, ids, keys)
+        if self.sub_kmin is not None:  # the same reduction over the [ids * sub_pages + run] rows
+            flat = (-1, self.num_heads, self.head_dim)
+            runs = ids * self.sub_pages + torch.div(offs, self.abstract_tokens, rounding_mode="floor")
+            _reduce_minmax(self.sub_kmin.view(flat), self.sub_kmax.view(flat), runs, keys)
 
     def read(self, page_ids: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at (page, offset) pairs as [M, Hkv, D] on the device, from whatever tier holds them.
@@ -455,8 +498,13 @@ class PagePool:
         )
         valid = valid[:, None, :, None]  # [n, 1, ps, 1]
         idx = torch.tensor(list(ids), device=self.device)
-        self.kmin[idx] = keys.masked_fill(~valid, float("inf")).amin(dim=2)
-        self.kmax[idx] = keys.masked_fill(~valid, float("-inf")).amax(dim=2)
+        low, high = keys.masked_fill(~valid, float("inf")), keys.masked_fill(~valid, float("-inf"))
+        self.kmin[idx] = low.amin(dim=2)
+        self.kmax[idx] = high.amax(dim=2)
+        if self.sub_kmin is not None:  # [n, Hkv, sub_pages, abstract_tokens, D] -> [n, sub_pages, Hkv, D]
+            runs = (keys.shape[0], keys.shape[1], self.sub_pages, self.abstract_tokens, keys.shape[-1])
+            self.sub_kmin[idx] = low.view(runs).amin(dim=3).transpose(1, 2)
+            self.sub_kmax[idx] = high.view(runs).amax(dim=3).transpose(1, 2)
 
     def copy_pages(self, page_ids: Sequence[int]) -> list[int]:
         """New device pages holding the same tokens and abstracts as `page_ids` (for duplicated rows)."""
@@ -472,6 +520,9 @@ class PagePool:
         new_t = torch.tensor(new, device=self.device)
         self.kmin[new_t] = self.kmin[src]
         self.kmax[new_t] = self.kmax[src]
+        if self.sub_kmin is not None:
+            self.sub_kmin[new_t] = self.sub_kmin[src]
+            self.sub_kmax[new_t] = self.sub_kmax[src]
         return new
 
     def _group_positions(self, ids: Sequence[int]) -> dict[int, list[int]]:

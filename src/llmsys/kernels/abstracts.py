@@ -61,12 +61,16 @@ def chunk_minmax_reference(
 
 
 def abstract_scores_reference(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """sum_d max(q_d*kmin_d, q_d*kmax_d). q [B,Hq,D], kmin/kmax [B,Hkv,C,D] -> [B,Hq,C] float32."""
+    """sum_d max(q_d*kmin_d, q_d*kmax_d). q [B,Hq,D], kmin/kmax [B,Hkv,C,D] -> [B,Hq,C] float32.
+
+    Since kmin <= kmax, the max is q_d*kmax_d where q_d >= 0 and q_d*kmin_d where q_d < 0: two matmuls,
+    ``relu(q) @ kmax^T + min(q, 0) @ kmin^T``, instead of a [.., C, D] elementwise max (5-10x faster on
+    a CPU, where this is what runs)."""
     B, Hq, D = q.shape
     Hkv, C = kmin.shape[1], kmin.shape[2]
-    qf = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # query head h uses kv head h // group
-    lo, hi = kmin.float()[:, :, None], kmax.float()[:, :, None]  # [B, Hkv, 1, C, D]
-    return torch.maximum(qf * lo, qf * hi).sum(dim=-1).reshape(B, Hq, C)
+    qf = q.float().view(B, Hkv, Hq // Hkv, D)  # query head h uses kv head h // group
+    lo, hi = kmin.float().transpose(-1, -2), kmax.float().transpose(-1, -2)  # [B, Hkv, D, C]
+    return (qf.clamp(min=0) @ hi + qf.clamp(max=0) @ lo).reshape(B, Hq, C)
 
 
 # --------------------------------------------------------------------------------------------------
