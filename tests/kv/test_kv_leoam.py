@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -142,17 +144,26 @@ def test_selection_matches_an_independent_recomputation():
             assert chosen.tolist() == _naive_selection(policy, layer, query)
 
 
-def _bound_importance(keys: torch.Tensor, query: torch.Tensor, units: list[tuple[int, int]]) -> list[float]:
+def _bound_importance(
+    keys: torch.Tensor,
+    query: torch.Tensor,
+    units: list[tuple[int, int]],
+    runs: Callable[[int, int], list] | None = None,
+) -> list[float]:
     """Quest-style importance of token ranges for one row: min/max bound from the raw keys
-    ``[Hkv, n, D]``, scaled, softmax over the units per query head ``query [Hq, D]``, max over heads."""
+    ``[Hkv, n, D]``, scaled, softmax over the units per query head ``query [Hq, D]``, max over heads.
+    `runs(a, e)`: the sub-ranges a unit is bounded by (its best bound counts; default: the unit)."""
     group = query.shape[0] // keys.shape[0]
     scores = []
     for a, e in units:
         per_head = []
         for h in range(query.shape[0]):
-            k = keys[h // group, a:e].double()
             qd = query[h].double()
-            per_head.append(torch.maximum(qd * k.min(0).values, qd * k.max(0).values).sum())
+            bounds = []
+            for r0, r1 in runs(a, e) if runs is not None else [(a, e)]:
+                k = keys[h // group, r0:r1].double()
+                bounds.append(torch.maximum(qd * k.min(0).values, qd * k.max(0).values).sum())
+            per_head.append(max(bounds))
         scores.append(torch.stack(per_head))
     score = torch.stack(scores, dim=1) * query.shape[-1] ** -0.5  # [Hq, U]
     return torch.softmax(score, dim=1).max(dim=0).values.tolist()
@@ -160,9 +171,15 @@ def _bound_importance(keys: torch.Tensor, query: torch.Tensor, units: list[tuple
 
 def _naive_refined_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[list[int]]:
     """Independent re-computation of the adaptive rule: rank the units, split every merged chunk the
-    budget reaches into its pages, re-rank, until only pages are taken (or `refine_rounds` rounds)."""
+    budget reaches into its pages, re-rank, until only pages are taken (or `refine_rounds` rounds).
+    A unit within one page is bounded by the best of its runs of `abstract_tokens` tokens."""
     keys, _ = layer.to_dense()
     n, ps = layer.length, layer.page_size
+    fine = policy.abstract_tokens or ps
+
+    def runs(a: int, e: int) -> list[tuple[int, int]]:
+        return [(r, min(r + fine, e)) for r in range(a, e, fine)] if a // ps == (e - 1) // ps else [(a, e)]
+
     st_ = layer.policy_state["leoam"]
     bounds = list(st_.bounds) + ([n] if n > st_.bounds[-1] else [])
     protected = set(range(policy.sink)) | set(range(n - policy.window, n))
@@ -171,7 +188,7 @@ def _naive_refined_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[
         units = list(zip(bounds[:-1], bounds[1:]))
         rounds = 0
         while True:
-            imp = _bound_importance(keys[b], query[b], units)
+            imp = _bound_importance(keys[b], query[b], units, runs)
             room, chosen, split = policy.budget - len(protected), set(protected), []
             for u in sorted(range(len(units)), key=lambda u: (-imp[u], u)):
                 a, e = units[u]
@@ -193,10 +210,20 @@ def _naive_refined_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[
     return rows
 
 
+@pytest.mark.parametrize("fine", [4, None])
 @pytest.mark.parametrize("rounds", [None, 1, 2])
 @pytest.mark.parametrize("budget", [24, 40, 64])
-def test_refined_selection_matches_an_independent_recomputation(budget, rounds):
-    policy = LeoAM(budget=budget, sink=3, window=6, min_chunk=8, max_chunk=64, rechunk=False, refine_rounds=rounds)
+def test_refined_selection_matches_an_independent_recomputation(budget, rounds, fine):
+    policy = LeoAM(
+        budget=budget,
+        sink=3,
+        window=6,
+        min_chunk=8,
+        max_chunk=64,
+        rechunk=False,
+        refine_rounds=rounds,
+        abstract_tokens=fine,
+    )
     model, cache = _run(policy, new=2)
     with cache:
         for layer in cache.layers:
@@ -213,7 +240,7 @@ def test_refinement_picks_the_highest_bound_page_inside_a_merged_chunk():
     # one merged chunk over every closed page, room for one page: the adaptive rule takes the page of
     # that chunk with the highest bound (importance), the prefill-only rule the chunk's first tokens
     ps = 8
-    kw = dict(budget=3 + ps, sink=0, window=3, min_chunk=ps, max_chunk=256)
+    kw = dict(budget=3 + ps, sink=0, window=3, min_chunk=ps, max_chunk=256, abstract_tokens=None)  # page bounds
     refined, whole = LeoAM(**kw, rechunk=False), LeoAM(**kw, refine=False, rechunk=False)
     model, cache = _run(refined, page_size=ps, batch=1, new=3)
     with cache:
@@ -229,9 +256,9 @@ def test_refinement_picks_the_highest_bound_page_inside_a_merged_chunk():
             query = torch.randn(1, model.config.num_attention_heads, layer.pool.head_dim)
             imp = _bound_importance(keys[0], query[0], [*pages, (closed, n)])[: len(pages)]
             best = max(range(len(pages)), key=lambda p: imp[p])
-            picked = refined.select(layer, query)[0, : ps].tolist()  # sink=0: the room comes first
+            picked = refined.select(layer, query)[0, :ps].tolist()  # sink=0: the room comes first
             assert picked == list(range(*pages[best]))
-            assert whole.select(layer, query)[0, : ps].tolist() == list(range(ps))  # the chunk's first page
+            assert whole.select(layer, query)[0, :ps].tolist() == list(range(ps))  # the chunk's first page
             found += best != 0
         assert found > 0  # the two rules did differ
 

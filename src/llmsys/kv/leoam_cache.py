@@ -242,8 +242,8 @@ class LeoAMCache(PagedCache):
         host_budget: tokens per layer in host memory (None: unbounded, nothing goes to disk).
         disk_dir: where the disk tier makes its directory (None: the system temporary directory).
         budget: past tokens attended per decode step (default: half the device budget).
-        sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds, count_cost:
-            as in `LeoAM` (`refine`: adaptive selection, merged chunks split into pages where the query
+        sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds,
+        abstract_tokens, count_cost: as in `LeoAM` (`refine`: adaptive selection, merged chunks split into pages where the query
             needs them; False: the prefill-only chunks, taken whole).
         page_size: tokens per page (the granularity of chunks and transfers).
         compress: 8-bit min/max compression of disk pages (False: raw, lossless).
@@ -270,6 +270,7 @@ class LeoAMCache(PagedCache):
         refine: bool = True,
         rechunk: bool = True,
         refine_rounds: int | None = 2,
+        abstract_tokens: int | None = 4,
         count_cost: bool = False,
         page_size: int = 16,
         compress: bool = True,
@@ -305,6 +306,7 @@ class LeoAMCache(PagedCache):
             refine=refine,
             rechunk=rechunk,
             refine_rounds=refine_rounds,
+            abstract_tokens=abstract_tokens,
             count_cost=count_cost,
         )
         store = CompressedDiskStore(disk_dir, group=head_dim, compress=compress)
@@ -412,6 +414,7 @@ class LeoAMCache(PagedCache):
         selected = max(totals.get("selected_pages", 0), 1)
         return {
             "bytes_by_tier": self.bytes_by_tier(),
+            "abstract_bytes": self.abstract_bytes(),  # on the device, beside the device tier's pages
             "disk_file_bytes": self.disk_store.stored_bytes() if not self.disk_store.closed else 0,
             "bytes_moved": self.bytes_moved(),
             "decode_tokens": tokens,
