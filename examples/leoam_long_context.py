@@ -51,6 +51,7 @@ def main() -> None:
     print(f"answer: {tokenizer.decode(answer)} ({'right' if answer == sample.answer else 'wrong'})")
     mib = {tier: round(n / 2**20, 3) for tier, n in report["bytes_by_tier"].items()}
     print(f"KV per tier (MiB): {mib}; disk files: {report['disk_file_bytes'] / 2**20:.3f} MiB")
+    print(f"key abstracts kept on the device to choose pages: {report['abstract_bytes'] / 2**20:.3f} MiB")
     print(f"bytes moved between tiers: {report['bytes_moved']}")
 
 
