@@ -210,10 +210,10 @@ def _naive_refined_selection(policy: LeoAM, layer, query: torch.Tensor) -> list[
     return rows
 
 
-@pytest.mark.parametrize("fine", [4, None])
+@pytest.mark.parametrize(("fine", "batch"), [(4, 2), (4, 1), (None, 2)])  # one row: the pool scored in place
 @pytest.mark.parametrize("rounds", [None, 1, 2])
 @pytest.mark.parametrize("budget", [24, 40, 64])
-def test_refined_selection_matches_an_independent_recomputation(budget, rounds, fine):
+def test_refined_selection_matches_an_independent_recomputation(budget, rounds, fine, batch):
     policy = LeoAM(
         budget=budget,
         sink=3,
@@ -226,13 +226,15 @@ def test_refined_selection_matches_an_independent_recomputation(budget, rounds, 
     )
     model, cache = _run(policy, new=2)
     with cache:
+        if batch == 1:  # keep the second row: its page ids are not its page columns
+            cache.batch_select_indices(torch.tensor([1]))
         for layer in cache.layers:
             assert max(layer.policy_state["leoam"].chunk_sizes()) > layer.page_size  # merged chunks exist
             for seed in range(3):
                 torch.manual_seed(seed)
-                query = torch.randn(2, model.config.num_attention_heads, layer.pool.head_dim)
+                query = torch.randn(batch, model.config.num_attention_heads, layer.pool.head_dim)
                 chosen = policy.select(layer, query)
-                assert chosen.shape == (2, budget)
+                assert chosen.shape == (batch, budget)
                 assert chosen.tolist() == _naive_refined_selection(policy, layer, query)
 
 

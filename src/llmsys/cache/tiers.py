@@ -79,6 +79,7 @@ class DiskStore:
         self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
         self.closed = False
+        self.last_read_nbytes = 0
         self.open()
 
     # -- extension points ------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class DiskStore:
                     del raw
                 finally:
                     view.release()
+        self.last_read_nbytes = size  # file bytes of this read, header included (byte accounting)
         half = raw_nbytes // 2
         keys = data[:half].view(dtype).view(shape)
         values = data[half:].view(dtype).view(shape)

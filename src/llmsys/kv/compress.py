@@ -182,8 +182,7 @@ class CompressedDiskStore(DiskStore):
 
     def read(self, layer_idx, page_id, shape, dtype):  # type: ignore[override]
         out = super().read(layer_idx, page_id, shape, dtype)
-        with contextlib.suppress(OSError):
-            self.bytes_read += self.path(layer_idx, page_id).stat().st_size
+        self.bytes_read += self.last_read_nbytes
         return out
 
     def stored_bytes(self) -> int:

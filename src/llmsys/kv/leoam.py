@@ -297,25 +297,43 @@ class LeoAM(CachePolicy):
             chunk_minmax(pmax, page_bounds, backend="reference")[1],
         )
 
-    def _page_logits(self, layer: PagedLayer, row: int, pages: list[int], query: torch.Tensor) -> torch.Tensor:
-        """Scaled upper bounds ``[Hq, P]`` of row `row`'s pages `pages` (page columns) for `query`
-        ``[1, Hq, D]``: the best of each page's fine abstracts when the pool keeps them
-        (`abstract_tokens`), else the page's own min/max."""
-        pool, scale = layer.pool, query.shape[-1] ** -0.5
-        table = layer.page_table[row, pages].to(layer.device)
+    def _fine_page_logits(self, layer: PagedLayer, query: torch.Tensor) -> torch.Tensor | None:
+        """Scaled best run bound ``[B, Hq, pages]`` of every page column of every row for `query`
+        ``[B, Hq, D]``, or None when the pool keeps no fine abstracts (`abstract_tokens`).
+
+        One pass over the rows' fine abstracts per step: re-chunking makes every attended page a unit
+        of its own, so after some steps most pages are scored at every step anyway, and one pass
+        reads each abstract once instead of gathering copies per round. With one row the pool's
+        storage is scored in place (no gather)."""
+        pool = layer.pool
         if pool.sub_kmin is None:
-            kmin = pool.kmin[table].permute(1, 0, 2)[None]  # [1, Hkv, P, D]
-            kmax = pool.kmax[table].permute(1, 0, 2)[None]
-            return abstract_scores(query, kmin, kmax)[0] * scale
-        smin, smax = pool.sub_kmin[table], pool.sub_kmax[table]  # [P, S, Hkv, D]
-        # a run no token was written to (in a partial page) keeps min=+inf, max=-inf: its bound comes
-        # out +inf or NaN and is masked to -inf below
-        empty = smin[:, :, 0, 0] > smax[:, :, 0, 0]
-        flat = (len(pages) * pool.sub_pages, *smin.shape[2:])
-        smin, smax = smin.view(flat).transpose(0, 1)[None], smax.view(flat).transpose(0, 1)[None]
-        scores = abstract_scores(query, smin, smax)  # [1, Hq, P * S]
-        scores = scores[0].view(-1, len(pages), pool.sub_pages).masked_fill(empty[None], float("-inf"))
-        return scores.amax(dim=-1) * scale
+            return None
+        batch, runs = query.shape[0], pool.sub_pages
+        if batch == 1:  # every page of the pool is this row's (or free: masked below)
+            smin, smax, cols = pool.sub_kmin[None], pool.sub_kmax[None], layer.page_table[0].to(layer.device)
+        else:
+            table = layer.page_table.to(layer.device)
+            smin, smax, cols = pool.sub_kmin[table], pool.sub_kmax[table], None  # [B, pages, runs, Hkv, D]
+        flat = (batch, -1, *smin.shape[-2:])  # -> [B, Hkv, pages * runs, D]
+        scores = abstract_scores(query, smin.view(flat).transpose(1, 2), smax.view(flat).transpose(1, 2))
+        # a run no token was written to (a partial or free page) keeps min=+inf, max=-inf: masked
+        empty = smin[..., 0, 0] > smax[..., 0, 0]  # [B, pages, runs]
+        scores = scores.view(batch, query.shape[1], -1, runs).masked_fill(empty[:, None], float("-inf"))
+        best = scores.amax(dim=-1) * query.shape[-1] ** -0.5
+        return best if cols is None else best[:, :, cols]
+
+    def _page_logits(
+        self, layer: PagedLayer, row: int, pages: list[int], query: torch.Tensor, fine: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scaled upper bounds ``[Hq, P]`` of row `row`'s pages `pages` (page columns) for `query`
+        ``[1, Hq, D]``: the best of each page's fine abstracts when the pool keeps them (`fine`, from
+        `_fine_page_logits`), else the page's own min/max."""
+        if fine is not None:
+            return fine[row][:, pages]
+        table = layer.page_table[row, pages].to(layer.device)
+        kmin = layer.pool.kmin[table].permute(1, 0, 2)[None]  # [1, Hkv, P, D]
+        kmax = layer.pool.kmax[table].permute(1, 0, 2)[None]
+        return abstract_scores(query, kmin, kmax)[0] * query.shape[-1] ** -0.5
 
     # ---------------------------------------------------------------------------------------------
     # selection
@@ -359,17 +377,20 @@ class LeoAM(CachePolicy):
         lo_t, hi_t = self.sink, n - self.window
         room = self.budget - self.sink - self.window
         rows, scored = [], 0
+        fine = self._fine_page_logits(layer, query)  # None without fine abstracts
+        if fine is not None:  # the runs it scored, per row (one row: the whole pool, free pages too)
+            pages = fine.shape[-1] if query.shape[0] > 1 else layer.pool.sub_kmin.shape[0]
+            scored += pages * layer.pool.sub_pages
         for b in range(query.shape[0]):
             units = list(zip(bounds[:-1], bounds[1:]))
             unit_logits = logits[b]  # [Hq, U]
             scored += len(units)
-            if layer.pool.sub_kmin is not None:  # units within one page: scored by their fine abstracts
+            if fine is not None:  # units within one page: scored by their fine abstracts (computed above)
                 single = [u for u, (a, e) in enumerate(units) if a // ps == (e - 1) // ps]
                 if single:
                     unit_logits = unit_logits.clone()
                     pages = [units[u][0] // ps for u in single]
-                    unit_logits[:, single] = self._page_logits(layer, b, pages, query[b : b + 1])
-                    scored += len(single) * layer.pool.sub_pages
+                    unit_logits[:, single] = self._page_logits(layer, b, pages, query[b : b + 1], fine)
             rounds = 0
             while True:
                 importance = torch.softmax(unit_logits, dim=-1).amax(dim=0)
@@ -395,8 +416,8 @@ class LeoAM(CachePolicy):
                     p0, p1 = a // ps, math.ceil(e / ps)
                     columns += range(p0, p1)
                     new_units += [(max(p * ps, a), min((p + 1) * ps, e)) for p in range(p0, p1)]
-                new_logits = self._page_logits(layer, b, columns, query[b : b + 1])  # [Hq, pages]
-                scored += len(columns) * layer.pool.sub_pages
+                new_logits = self._page_logits(layer, b, columns, query[b : b + 1], fine)
+                scored += 0 if fine is not None else len(columns)
                 gone = set(split)
                 keep = [u for u in range(len(units)) if u not in gone]
                 units = [units[u] for u in keep] + new_units

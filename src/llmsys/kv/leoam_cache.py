@@ -243,8 +243,8 @@ class LeoAMCache(PagedCache):
         disk_dir: where the disk tier makes its directory (None: the system temporary directory).
         budget: past tokens attended per decode step (default: half the device budget).
         sink, window, min_chunk, max_chunk, profile_window, refine, rechunk, refine_rounds,
-        abstract_tokens, count_cost: as in `LeoAM` (`refine`: adaptive selection, merged chunks split into pages where the query
-            needs them; False: the prefill-only chunks, taken whole).
+        abstract_tokens, count_cost: as in `LeoAM` (`refine`: adaptive selection, merged chunks split
+            into pages where the query needs them; False: the prefill-only chunks, taken whole).
         page_size: tokens per page (the granularity of chunks and transfers).
         compress: 8-bit min/max compression of disk pages (False: raw, lossless).
         prefetch: speculative prefetch of the next layer's chunks on the background thread. None
