@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from llmsys.registry import get_method
@@ -16,6 +18,7 @@ from llmsys.serve import (
     RequestState,
     Scheduler,
     SchedulerConfigError,
+    SchedulerState,
     ServingCore,
     StaticSplit,
     default_profile,
@@ -193,13 +196,43 @@ def test_nexus_split_choice():
         if up < 1:  # ... and one more step for prefill would break it or gain less than the band
             tp_up, td_up = cost.split_latencies(big_prefill, decode, up)
             assert td_up > target or tp_up >= tp * (1 - nexus.hysteresis)
-    # a prompt that waited long relaxes the TBT target: prefill gets more SMs
+    # a prompt that waited long relaxes the TBT target: prefill gets more SMs (on a loaded server, whose
+    # floor leaves room to relax)
     nexus.reset()
-    fresh = nexus.choose_split(big_prefill, BatchWork.decode_only([2048] * 64), oldest_wait=0.0)
+    fresh = nexus.choose_split(big_prefill, BatchWork.decode_only([2048] * 64), oldest_wait=0.0, load=1.0)
     nexus.reset()
-    late = nexus.choose_split(big_prefill, BatchWork.decode_only([2048] * 64), oldest_wait=0.85)
+    late = nexus.choose_split(big_prefill, BatchWork.decode_only([2048] * 64), oldest_wait=0.85, load=1.0)
     assert late > fresh
-    assert nexus.tbt_target(0.0, 10.0) == pytest.approx(0.9 * 0.1) and nexus.tbt_target(0.0, 0.0) == pytest.approx(0.03)
+    assert nexus.tbt_target(0.0, 10.0) == pytest.approx(0.9 * 0.1) and nexus.tbt_target(0.0, 0.0) == pytest.approx(0.07)
+    assert nexus.tbt_target(0.0, 0.0, load=1.0) == pytest.approx(0.03)  # a full server: decode's floor tightens
+    assert nexus.tbt_target(0.0, 10.0, load=1.0) == pytest.approx(0.9 * 0.1)
+    assert Nexus(cost_model=cost, tbt_floor_idle=None).tbt_target(0.0, 0.0) == pytest.approx(0.03)  # fixed floor
+    # under load the same batches leave decode at least as many SMs, and more for some
+    shares = {}
+    for load in (0.0, 1.0):
+        shares[load] = []
+        for decode in (few, BatchWork.decode_only([2048] * 64), many):
+            nexus.reset()
+            shares[load].append(nexus.choose_split(big_prefill, decode, load=load))
+    assert all(hi <= lo for lo, hi in zip(shares[0.0], shares[1.0])) and shares[1.0] != shares[0.0]
+
+
+def test_nexus_load_is_the_fuller_of_seats_and_pages():
+    def state(admitted, max_seqs, reserved, free):
+        reqs = [SimpleNamespace(reserved_pages=r) for r in reserved]
+        return SchedulerState(now=0.0, waiting=reqs[:1], decoding=reqs[1:], page_size=16, free_pages=free,
+                              max_num_seqs=max_seqs, admitted=admitted)  # fmt: skip
+
+    nexus = Nexus(load_range=(0.3, 0.9))
+    assert nexus.load(state(0, 8, [], 100)) == 0.0
+    assert nexus.load(state(3, 10, [10, 10, 10], 70)) == pytest.approx(0.0)  # 30% of seats and of pages
+    assert nexus.load(state(6, 10, [1] * 6, 94)) == pytest.approx(0.5)  # seats: 60%
+    assert nexus.load(state(2, 10, [30, 30], 40)) == pytest.approx(0.5)  # pages: 60%
+    assert nexus.load(state(10, 10, [1] * 10, 0)) == 1.0
+    with pytest.raises(SchedulerConfigError, match="load_range"):
+        Nexus(load_range=(0.9, 0.3))
+    with pytest.raises(SchedulerConfigError, match="tbt_floor_idle"):
+        Nexus(tbt_floor=0.5, tbt_floor_idle=0.4)
 
 
 def test_nexus_starvation_guard():

@@ -200,10 +200,19 @@ class Nexus(Scheduler):
 
     The TBT target is relaxed with the TTFT pressure of the prefill queue: with `pressure` = (the
     oldest waiting prompt's wait + the batch's prefill time) / (`ttft_headroom` * ttft_slo), clipped
-    to [0, 1], the target is `tbt_slo * (tbt_floor + (tbt_headroom - tbt_floor) * pressure)`: with
-    no backlog decode gets SMs until its TBT is well inside the SLO; as prompts age, prefill takes
-    SMs until decode sits just inside it. Starting from the current split and moving only for gains
-    above `hysteresis` is the hysteresis band: small changes of the batches change nothing.
+    to [0, 1], the target is `tbt_slo * (floor + (tbt_headroom - floor) * pressure)`: with no
+    backlog decode gets SMs until its TBT is inside `floor` of the SLO; as prompts age, prefill takes
+    SMs until decode sits just inside it. Our addition, the floor follows the server's load
+    (`load`: the larger of the shares of sequence seats and KV pages that admitted requests hold,
+    mapped linearly from `load_range[0]` -> 0 to `load_range[1]` -> 1): `floor = tbt_floor_idle -
+    (tbt_floor_idle - tbt_floor) * load`. A lightly loaded server keeps decode at 70% of the SLO and
+    gives prefill the rest (long prompts: lower TTFT); as seats and pages fill, decode gets SMs
+    until it is at 30%, because decode speed is what frees them (by Little's law the requests in
+    flight grow with the decode time). A fixed 70% floor lost the ShareGPT-like workload (max rate
+    41 -> 36 req/s in the simulator, docs/serve.md); a fixed 30% floor kept long prompts waiting.
+    ``tbt_floor_idle=None``: a fixed floor, `tbt_floor`. Starting from the current split and moving
+    only for gains above `hysteresis` is the hysteresis band: small changes of the batches change
+    nothing.
 
     The decode lane takes whatever share the running prefill batch leaves (all of it when no prompt
     waits; prefill never takes the last step, so a decode partition always exists). A prefill batch
@@ -216,6 +225,8 @@ class Nexus(Scheduler):
     tbt_slo: float = 0.1
     prefill_budget: int = 4096
     tbt_floor: float = 0.3
+    tbt_floor_idle: float | None = 0.7
+    load_range: tuple[float, float] = (0.3, 0.9)
     tbt_headroom: float = 0.9
     ttft_headroom: float = 0.9
     hysteresis: float = 0.05
@@ -233,8 +244,14 @@ class Nexus(Scheduler):
             raise SchedulerConfigError(f"SLOs must be > 0, got ttft_slo={self.ttft_slo}, tbt_slo={self.tbt_slo}")
         if self.prefill_budget < 1:
             raise SchedulerConfigError(f"prefill_budget must be >= 1, got {self.prefill_budget}")
-        if not (0 < self.tbt_floor <= self.tbt_headroom <= 1 and 0 < self.ttft_headroom <= 1):
-            raise SchedulerConfigError("need 0 < tbt_floor <= tbt_headroom <= 1 and 0 < ttft_headroom <= 1")
+        idle = self.tbt_floor if self.tbt_floor_idle is None else self.tbt_floor_idle
+        if not (0 < self.tbt_floor <= idle <= self.tbt_headroom <= 1 and 0 < self.ttft_headroom <= 1):
+            raise SchedulerConfigError(
+                "need 0 < tbt_floor <= tbt_floor_idle <= tbt_headroom <= 1 and 0 < ttft_headroom <= 1, got "
+                f"{self.tbt_floor}, {self.tbt_floor_idle}, {self.tbt_headroom}, {self.ttft_headroom}"
+            )
+        if not 0 <= self.load_range[0] < self.load_range[1] <= 1:
+            raise SchedulerConfigError(f"load_range must be (low, high), 0 <= low < high <= 1, got {self.load_range}")
         if self.hysteresis < 0:
             raise SchedulerConfigError(f"hysteresis must be >= 0, got {self.hysteresis}")
         if self.starvation_guard is not None and self.starvation_guard <= 0:
@@ -275,7 +292,7 @@ class Nexus(Scheduler):
         decode_work = BatchWork.decode_only([r.prefilled + r.generated for r in decoding])  # kv_len + 1
         oldest_wait = state.now - min(r.arrival for r, _ in candidate)
         prefill_work = BatchWork.prefill_only([(r.prefilled, n) for r, n in candidate])
-        share = self.choose_split(prefill_work, decode_work, oldest_wait, state.now)
+        share = self.choose_split(prefill_work, decode_work, oldest_wait, state.now, self.load(state))
         if state.concurrent and state.available_share(lane) + 1e-9 < share:
             return None  # the running decode iteration holds these SMs: re-split at its end
         prefill = _take_prompts(queue, state, self.prefill_budget, chunk=True)
@@ -300,14 +317,29 @@ class Nexus(Scheduler):
             left -= n
         return out
 
-    def tbt_target(self, prefill_latency: float, oldest_wait: float) -> float:
-        """The decode latency the split must meet, relaxed as the prefill queue's TTFT pressure grows."""
+    def load(self, state: SchedulerState) -> float:
+        """The server's load in [0, 1]: the larger of the shares of sequence seats and of KV pages that
+        admitted requests hold, mapped linearly from `load_range[0]` (0) to `load_range[1]` (1)."""
+        reserved = sum(r.reserved_pages for r in (*state.waiting, *state.decoding))
+        total = state.free_pages + reserved
+        used = max(state.admitted / state.max_num_seqs, reserved / total if total else 0.0)
+        low, high = self.load_range
+        return min(1.0, max(0.0, (used - low) / (high - low)))
+
+    def tbt_target(self, prefill_latency: float, oldest_wait: float, load: float = 0.0) -> float:
+        """The decode latency the split must meet: its floor tightens with the server's `load`, and the
+        target is relaxed toward `tbt_headroom` as the prefill queue's TTFT pressure grows."""
         pressure = (oldest_wait + prefill_latency) / (self.ttft_headroom * self.ttft_slo)
         pressure = min(1.0, max(0.0, pressure))
-        return self.tbt_slo * (self.tbt_floor + (self.tbt_headroom - self.tbt_floor) * pressure)
+        idle = self.tbt_floor if self.tbt_floor_idle is None else self.tbt_floor_idle
+        floor = idle - (idle - self.tbt_floor) * min(1.0, max(0.0, load))
+        return self.tbt_slo * (floor + (self.tbt_headroom - floor) * pressure)
 
-    def choose_split(self, prefill: BatchWork, decode: BatchWork, oldest_wait: float = 0.0, now: float = 0.0) -> float:
-        """The prefill lane's SM share for this batch (the decode lane gets the rest)."""
+    def choose_split(
+        self, prefill: BatchWork, decode: BatchWork, oldest_wait: float = 0.0, now: float = 0.0, load: float = 0.0
+    ) -> float:
+        """The prefill lane's SM share for this batch (the decode lane gets the rest); `load` as from
+        `load(state)` (0: an idle server)."""
         steps = self.cost_model.profile.partitions
         if steps < 2:  # a device with one partition step cannot be split (a CPU: the split is logical)
             return self._set(1.0, now)
@@ -321,7 +353,7 @@ class Nexus(Scheduler):
             return cache[k]
 
         k = steps // 2 if self._share is None else min(steps - 1, max(1, round(self._share * steps)))
-        target = self.tbt_target(pred(k)[0], oldest_wait)
+        target = self.tbt_target(pred(k)[0], oldest_wait, load)
         h = self.hysteresis
         # 1. decode misses its target: give it steps while they still help (decode may saturate)
         while k > 1 and pred(k)[1] > target and pred(k - 1)[1] < pred(k)[1] * (1 - 1e-9):
