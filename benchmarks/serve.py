@@ -67,6 +67,8 @@ def factories(cost: CostModel, ttft_slo: float, tbt_slo: float, full: bool) -> d
     if full:
         f["chunked-512"] = lambda: ChunkedPrefill(token_budget=512)
         f["chunked-8192"] = lambda: ChunkedPrefill(token_budget=8192)  # vLLM v1's server default on an H100
+        # Nexus with the fixed decode floor (30% of the TBT SLO) it had before the load-following one
+        f["nexus-fixed-floor"] = lambda: Nexus(cost_model=cost, ttft_slo=ttft_slo, tbt_slo=tbt_slo, tbt_floor_idle=None)
     return f
 
 

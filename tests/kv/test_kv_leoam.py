@@ -427,4 +427,7 @@ def test_selection_cost_is_counted_only_when_asked():
     with counted, silent:
         stats = chunk_stats(counted)
         assert stats["steps"] > 0 and stats["abstracts_per_step"] > 0 and stats["pages_per_step"] > 0
+        # every row's selection scores at least all of its pages' fine abstracts (2 runs of 4 per page)
+        prompt_pages = counted.layers[0].num_pages - 1  # 3 decoded tokens open at most one more page
+        assert stats["abstracts_per_step"] >= prompt_pages * 2
         assert chunk_stats(silent)["steps"] == 0

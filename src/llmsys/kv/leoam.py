@@ -378,8 +378,8 @@ class LeoAM(CachePolicy):
         room = self.budget - self.sink - self.window
         rows, scored = [], 0
         fine = self._fine_page_logits(layer, query)  # None without fine abstracts
-        if fine is not None:  # the runs it scored, per row (one row: the whole pool, free pages too)
-            pages = fine.shape[-1] if query.shape[0] > 1 else layer.pool.sub_kmin.shape[0]
+        if fine is not None:  # the runs it scored: every row's pages (one row: the whole pool, free pages too)
+            pages = query.shape[0] * fine.shape[-1] if query.shape[0] > 1 else layer.pool.sub_kmin.shape[0]
             scored += pages * layer.pool.sub_pages
         for b in range(query.shape[0]):
             units = list(zip(bounds[:-1], bounds[1:]))
