@@ -61,9 +61,14 @@ def test_lossless_tiers_give_the_on_device_policy_exactly(tmp_path):
         tiered = _decode(model, cache, ids, new=6)
         tiers = cache.bytes_by_tier()
         report = cache.report()
+        owned = sum(len(layer.pool.owned()) for layer in cache.layers)
+        pool = cache.layers[0].pool
     assert torch.equal(tiered, reference)
     assert tiers["device"] and tiers["host"] and tiers["disk"]  # every tier was used
     assert report["pages"]["misses"] > 0 and report["pages"]["prefetched"] > 0
+    # the abstracts of every page, whatever its tier: min and max per page and per 4-token run, fp32
+    runs = SETUP["page_size"] // 4
+    assert report["abstract_bytes"] == owned * (1 + runs) * 2 * pool.num_heads * pool.head_dim * 4
 
 
 def _decode_plain_chunks(model, cache, ids, new, chunk):
