@@ -37,8 +37,6 @@ from llmsys.cache.tiers import DEVICE, DISK, HOST, TIERS, PrefetchHandle, Tier, 
 logger = logging.getLogger(__name__)
 
 FREE = -1
-
-
 _CODE: dict[str, int] = {DEVICE: 0, HOST: 1, DISK: 2}
 _NAME: dict[int, Tier] = {0: DEVICE, 1: HOST, 2: DISK}
 

@@ -64,8 +64,8 @@ def abstract_scores_reference(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
     """sum_d max(q_d*kmin_d, q_d*kmax_d). q [B,Hq,D], kmin/kmax [B,Hkv,C,D] -> [B,Hq,C] float32.
 
     Since kmin <= kmax, the max is q_d*kmax_d where q_d >= 0 and q_d*kmin_d where q_d < 0: two matmuls,
-    ``relu(q) @ kmax^T + min(q, 0) @ kmin^T``, instead of a [.., C, D] elementwise max (5-10x faster on
-    a CPU, where this is what runs)."""
+    ``relu(q) @ kmax^T + min(q, 0) @ kmin^T``, instead of a [.., C, D] elementwise max (~14x faster for
+    5000 chunks on a CPU, where this is what runs)."""
     B, Hq, D = q.shape
     Hkv, C = kmin.shape[1], kmin.shape[2]
     qf = q.float().view(B, Hkv, Hq // Hkv, D)  # query head h uses kv head h // group

@@ -31,6 +31,8 @@ Per layer (state in ``layer.policy_state["leoam"]``):
    reaches is split at that step into its pages, each scored by its own page abstract (already on
    the device: no K/V is read), and the ranking is redone over the chunks not taken and the pages,
    for at most `refine_rounds` rounds (`select_refined`). Chunks no query reaches stay one abstract each.
+   A unit within one page is scored by the best bound of its runs of `abstract_tokens` (4) tokens,
+   whose min/max the cache's pools keep next to the page's (`_fine_page_logits`): a tighter bound.
    With `rechunk=True` (default) the boundaries also follow the decode attention: after each decode
    step, a page that drew more than a uniform share of the step's attention becomes a chunk of its
    own (`_rechunk`). ``refine=False, rechunk=False`` is the prefill-only rule (chunks taken whole,
@@ -128,7 +130,7 @@ class LeoAM(CachePolicy):
             per run of this many tokens (rounded up to a divisor of the page size), which the cache's
             pools keep on the device next to the per-page ones; merged chunks keep one abstract
             each. A tighter bound than the page's own min/max (16-token pages: MQAR at 1/8 of the KV
-            0.93 -> 0.98, docs/kv.md) for ``page_size / abstract_tokens`` times the page abstracts'
+            0.93 -> 1.00, docs/kv.md) for ``page_size / abstract_tokens`` times the page abstracts'
             memory (4: a quarter of the KV's size). None: per-page abstracts only.
     """
 
