@@ -21,8 +21,10 @@ from llmsys.cache import (
     DiskStore,
     PagedCache,
     PagedLayer,
+    PagePool,
     TierContext,
 )
+from llmsys.cache.codec import minmax_error_bound
 from llmsys.models import forward
 from llmsys.testing import tiny_model
 
@@ -251,3 +253,41 @@ def test_disk_store_subclass_can_compress(tmp_path):
     assert torch.equal(layer.to_dense()[1], k + 1)
     layer.tiers.close()
     assert not store.root.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_host_tier_keeps_pages_within_the_code_bound(dtype):
+    # compress_host=True: host pages are 8-bit min/max codes (one group per head and token); every
+    # way back to the device (read, move, prefetch) returns the same pages within the code's bound
+    # (plus one rounding to bf16), and a page holding a non-finite value is kept raw (exact)
+    tiers = TierContext(compress_host=True)
+    pool = PagePool(2, 8, 4, dtype, "cpu", tiers=tiers)
+    ids = pool.allocate(3)
+    scale = torch.tensor([1.0, 30.0, 0.01])[:, None, None, None]
+    keys, values = (torch.randn(3, 2, 4, 8) * scale).to(dtype), torch.randn(3, 2, 4, 8).to(dtype)
+    keys[2, 1, 3, 5] = float("inf")
+    pool.store_pages(ids, keys, values, [4, 4, 4])
+    try:
+        pool.move(ids, "host")
+        assert pool.host_store.keys.dtype == torch.uint8 and pool.host_store.keys.shape[-1] == 8 + 8
+        pool.check()
+        k, v = pool.read_pages(ids)  # read from the host, placement unchanged
+        for got, want in ((k[:2], keys[:2]), (v[:2], values[:2])):
+            err = (got.float() - want.float()).reshape(-1, 8).abs()
+            bound = minmax_error_bound(want, 8)
+            if dtype == torch.bfloat16:
+                bound = bound + want.float().reshape(-1, 8).abs() * 2**-8 + bound * 2**-8
+            assert bool((err <= bound).all())
+        if dtype == torch.float32:
+            assert not torch.equal(k[:2], keys[:2])  # coded, not stored raw
+        assert torch.equal(k[2], keys[2]) and torch.equal(v[2], values[2])  # the non-finite page: raw
+        pool.prefetch(ids[:1]).wait()
+        pool.move(ids[1:], "device")
+        back, _ = pool.read_pages(ids)
+        assert torch.equal(back, k)  # the same decoded pages, whichever way they came up
+        pool.move(ids, "host")
+        pool.free(ids)
+        assert pool.host_store.raw == {}  # released with its slot
+        pool.check()
+    finally:
+        tiers.close()

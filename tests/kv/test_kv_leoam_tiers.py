@@ -311,3 +311,22 @@ def test_cuda_tiers_pinned_host_and_side_stream_prefetch(tmp_path):
         assert cache.layers[0].pool.host_store.keys.is_pinned()
         assert cache.report()["pages"]["prefetched"] > 0
     torch.testing.assert_close(tiered, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_host_tier(tmp_path):
+    # compress_host=True (the default on CUDA): host pages are 8-bit codes too. The selection is
+    # unchanged (abstracts never leave the device); only attended K/V carry the code's error, so the
+    # logits stay close to the run with a raw host tier (disk pages are coded in both)
+    model = tiny_model("llama")
+    ids = _ids()
+    logits = {}
+    for coded in (False, True):
+        with LeoAMCache.from_model(
+            model, device_budget=112, host_budget=64, disk_dir=tmp_path, compress_host=coded, **SETUP
+        ) as cache:
+            logits[coded] = _decode(model, cache, ids, new=6)
+            host = cache.layers[0].pool.host_store
+            assert host.keys.dtype == (torch.uint8 if coded else model.dtype)
+            assert cache.report()["bytes_moved"].get("host->device", 0) > 0  # the host tier was read back
+    diff = (logits[True] - logits[False]).abs().max().item()
+    assert 0 < diff < 0.01 * logits[False].abs().max().item()

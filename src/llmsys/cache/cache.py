@@ -59,6 +59,9 @@ class PagedCache(Cache):
         disk_store: a ready `DiskStore` (or subclass, e.g. with compression) instead of `disk_dir`.
         pin_memory: pin host-tier pages (default: when CUDA is available).
         max_device_pages: most device pages per layer (None: unbounded); see `CacheBudgetError`.
+        compress_host: keep host-tier pages as 8-bit min/max codes (`llmsys.cache.codec`, error
+            bound tested), so what crosses host <-> device is the codes; None: only when the KV is
+            on CUDA. Off by default (the host tier is then lossless).
 
     The cache is a context manager: `close()` (or leaving the ``with`` block) waits for prefetches,
     removes hooks it installed, frees every page and deletes the disk files.
@@ -75,13 +78,16 @@ class PagedCache(Cache):
         disk_store: DiskStore | None = None,
         pin_memory: bool | None = None,
         max_device_pages: int | None = None,
+        compress_host: bool | None = False,
     ):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
         self.policy: CachePolicy = policy if policy is not None else KeepAll()
         self.max_device_pages = max_device_pages
-        self.tiers = TierContext(disk_dir=disk_dir, disk_store=disk_store, pin_memory=pin_memory)
+        self.tiers = TierContext(
+            disk_dir=disk_dir, disk_store=disk_store, pin_memory=pin_memory, compress_host=compress_host
+        )
         if num_layers is None and config is not None:
             if hasattr(config, "get_text_config"):
                 config = config.get_text_config(decoder=True)

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from llmsys.cache.codec import dequantize_minmax, quantize_minmax
 from llmsys.cache.errors import CacheBudgetError
 from llmsys.cache.tiers import DEVICE, DISK, HOST, TIERS, PrefetchHandle, Tier, TierContext, check_tier
 
@@ -122,6 +123,72 @@ class _SlotStore:
 
     def release(self, slots: Iterable[int]) -> None:
         self.free.extend(slots)
+
+    def put(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store pages ``[n, Hkv, page_size, D]`` (on any device) in `slots`."""
+        self.keys[slots] = keys.to(self.device, self.dtype)
+        self.values[slots] = values.to(self.device, self.dtype)
+
+    def get(self, slots: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages in `slots` as ``[n, Hkv, page_size, D]`` tensors on `device`."""
+        return self.keys[slots].to(device), self.values[slots].to(device)
+
+    def page(self, slot: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One page to copy to `device` (here: views of the storage, pinned if the store is)."""
+        return self.keys[slot], self.values[slot]
+
+
+class _CodedSlotStore(_SlotStore):
+    """Host pages kept as 8-bit min/max codes (`llmsys.cache.codec`, one group per head and token):
+    each row of a page is its `D` codes followed by its float32 minimum and step as 8 bytes, so the
+    storage is a plain ``uint8 [capacity, Hkv, page_size, D + 8]`` tensor (a quarter of fp32 pages,
+    about half of 16-bit ones). `put` quantises where the pages are (on the GPU before a device ->
+    host copy), `get` / `page` dequantise on the device asked for (after the copy): what crosses the
+    tiers is the codes. Pages holding non-finite values are kept raw, beside the codes."""
+
+    def __init__(self, page_shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, pin: bool):
+        self.page_dtype = dtype
+        self.raw: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        heads, page_size, dim = page_shape
+        super().__init__((heads, page_size, dim + 8), torch.uint8, device, pin)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        codes, mins, steps = quantize_minmax(x, x.shape[-1])
+        side = torch.stack([mins, steps], dim=1).view(torch.uint8)  # [rows, 8]
+        return torch.cat([codes, side], dim=1).view(*x.shape[:-1], x.shape[-1] + 8)
+
+    def _decode(self, stored: torch.Tensor) -> torch.Tensor:
+        flat = stored.reshape(-1, stored.shape[-1])
+        side = flat[:, -8:].contiguous().view(torch.float32)  # [rows, 2]
+        out = dequantize_minmax(flat[:, :-8], side[:, 0], side[:, 1])
+        return out.view(*stored.shape[:-1], stored.shape[-1] - 8).to(self.page_dtype)
+
+    def put(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        finite = torch.isfinite(keys).flatten(1).all(dim=1) & torch.isfinite(values).flatten(1).all(dim=1)
+        for i, slot in enumerate(slots):
+            self.raw.pop(slot, None)
+            if not bool(finite[i]):  # a code cannot hold inf / nan: keep this page as it is
+                self.raw[slot] = (keys[i].to(self.device, self.page_dtype), values[i].to(self.device, self.page_dtype))
+        self.keys[slots] = self._encode(keys).to(self.device)
+        self.values[slots] = self._encode(values).to(self.device)
+
+    def get(self, slots: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self._decode(self.keys[slots].to(device))
+        values = self._decode(self.values[slots].to(device))
+        for i, slot in enumerate(slots):
+            if slot in self.raw:
+                keys[i], values[i] = (t.to(device) for t in self.raw[slot])
+        return keys, values
+
+    def page(self, slot: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.get([slot], device)
+        return keys[0], values[0]
+
+    def release(self, slots: Iterable[int]) -> None:
+        slots = list(slots)
+        for slot in slots:
+            self.raw.pop(slot, None)
+        super().release(slots)
 
 
 class PagePool:
@@ -482,8 +549,7 @@ class PagePool:
                 self.device_store.keys[dst] = keys[src]
                 self.device_store.values[dst] = values[src]
             elif code == _CODE[HOST]:
-                self.host_store.keys[slots] = keys[src].to(self.host_store.device)
-                self.host_store.values[slots] = values[src].to(self.host_store.device)
+                self.host_store.put(slots, keys[src], values[src])
             else:
                 for i, pid in zip(members, pids):
                     self.tiers.disk.write(self.layer_idx, pid, keys[i], values[i])
@@ -536,7 +602,7 @@ class PagePool:
             idx = torch.tensor(slots, device=self.device)
             return self.device_store.keys[idx], self.device_store.values[idx]
         if code == _CODE[HOST]:
-            return self.host_store.keys[slots], self.host_store.values[slots]
+            return self.host_store.get(slots, self.device)
         pages = [self.tiers.disk.read(self.layer_idx, pid, self.page_shape, self.dtype) for pid in ids]
         return torch.stack([k for k, _ in pages]), torch.stack([v for _, v in pages])
 
@@ -545,7 +611,11 @@ class PagePool:
     def _host(self) -> _SlotStore:
         if self.host_store is None:
             pin = self.tiers.pin(self.device)
-            self.host_store = _SlotStore(self.page_shape, self.dtype, torch.device("cpu"), pin=pin)
+            coded = self.tiers.compress_host
+            if coded is None:  # default: only where host <-> device copies cross a bus (CUDA)
+                coded = self.device.type == "cuda"
+            store = _CodedSlotStore if coded else _SlotStore
+            self.host_store = store(self.page_shape, self.dtype, torch.device("cpu"), pin=pin)
         return self.host_store
 
     def ensure_device(self, page_ids: torch.Tensor | Iterable[int]) -> None:
@@ -591,8 +661,7 @@ class PagePool:
             elif tier == HOST:
                 host = self._host()
                 new_slots = host.alloc(len(pids))
-                host.keys[new_slots] = k.to(host.device)
-                host.values[new_slots] = v.to(host.device)
+                host.put(new_slots, k, v)
             else:
                 disk = self.tiers.disk
                 k, v = k.cpu(), v.cpu()
@@ -640,8 +709,7 @@ class PagePool:
             jobs,
             self.device_store.keys,
             self.device_store.values,
-            None if host is None else host.keys,
-            None if host is None else host.values,
+            host,
             stream,
             start,
             self.tiers.pin(self.device),
@@ -712,7 +780,7 @@ class PagePool:
             assert set(used) | set(store.free) == set(range(store.capacity)), "slots leaked"
 
 
-def _copy_in(disk, layer_idx, page_shape, dtype, jobs, dkeys, dvalues, hkeys, hvalues, stream, start, pin):
+def _copy_in(disk, layer_idx, page_shape, dtype, jobs, dkeys, dvalues, host, stream, start, pin):
     """Background half of `prefetch`: copy pages into their reserved device slots."""
     ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     staged = []  # keep pinned staging buffers alive until the stream is done with them
@@ -721,7 +789,7 @@ def _copy_in(disk, layer_idx, page_shape, dtype, jobs, dkeys, dvalues, hkeys, hv
             stream.wait_event(start)
         for pid, code, slot, dslot in jobs:
             if code == _CODE[HOST]:
-                k, v = hkeys[slot], hvalues[slot]
+                k, v = host.page(slot, dkeys.device)
             else:
                 k, v = disk.read(layer_idx, pid, page_shape, dtype)
                 if pin:

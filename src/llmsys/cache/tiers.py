@@ -259,10 +259,13 @@ class TierContext:
         disk_dir: str | os.PathLike | None = None,
         disk_store: DiskStore | None = None,
         pin_memory: bool | None = None,
+        compress_host: bool | None = False,
     ):
         self._disk_dir = disk_dir
         self._disk = disk_store
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        #: host-tier pages as 8-bit codes (`llmsys.cache.codec`); None: when the pool's device is CUDA
+        self.compress_host = compress_host
         self._executor: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()

@@ -1,9 +1,10 @@
 """What LeoAM moves to disk: 8-bit min/max quantised pages, in checksummed, lock-protected files.
 
-- `quantize_minmax` / `dequantize_minmax`: each group of `group` consecutive elements (one key or
-  value row of one head and token, i.e. ``group = head_dim``) is stored as uint8 codes with its own
-  float32 minimum and step ``(max - min) / 255``. Every element comes back within half a step of its
-  original value (`minmax_error_bound`), a bound the tests check on random and adversarial inputs.
+- `quantize_minmax` / `dequantize_minmax` (from `llmsys.cache.codec`, shared with the host tier):
+  each group of `group` consecutive elements (one key or value row of one head and token, i.e.
+  ``group = head_dim``) is stored as uint8 codes with its own float32 minimum and step
+  ``(max - min) / 255``. Every element comes back within half a step of its original value
+  (`minmax_error_bound`), a bound the tests check on random and adversarial inputs.
 - `CompressedDiskStore`: a `llmsys.cache.DiskStore` whose page payload is that code (so the
   cache's checksum covers the compressed bytes, and a flipped byte still raises
   `CorruptPageError`), and whose directory holds a lock file for the life of the store. When a
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llmsys.cache import DiskStore
+from llmsys.cache.codec import dequantize_minmax, minmax_error_bound, quantize_minmax
 
 logger = logging.getLogger(__name__)
 
@@ -34,39 +36,6 @@ __all__ = [
     "minmax_error_bound",
     "quantize_minmax",
 ]
-
-LEVELS = 255
-
-
-def quantize_minmax(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """8-bit min/max codes of `x` in groups of `group` consecutive elements.
-
-    Returns ``(codes uint8 [G, group], mins float32 [G], steps float32 [G])``, G = numel / group.
-    A constant group gets step 0 and decodes exactly.
-    """
-    if x.numel() % group:
-        raise ValueError(f"quantize_minmax: {x.numel()} elements are not a multiple of group={group}")
-    rows = x.detach().reshape(-1, group).float()
-    mins = rows.amin(dim=1)
-    steps = (rows.amax(dim=1) - mins) / LEVELS
-    safe = torch.where(steps > 0, steps, torch.ones_like(steps))
-    codes = torch.round((rows - mins[:, None]) / safe[:, None]).clamp_(0, LEVELS).to(torch.uint8)
-    return codes, mins, steps
-
-
-def dequantize_minmax(codes: torch.Tensor, mins: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """float32 ``[G, group]``: ``mins + codes * steps`` (the inverse of `quantize_minmax` up to the bound)."""
-    return mins[:, None] + codes.float() * steps[:, None]
-
-
-def minmax_error_bound(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Largest error the 8-bit code may make on each element of `x`: half a step of its group,
-    plus float32 rounding of ``min + code * step``. Shape ``[G, group]``."""
-    rows = x.detach().reshape(-1, group).float()
-    span = rows.amax(dim=1) - rows.amin(dim=1)
-    magnitude = rows.abs().amax(dim=1)
-    return (span / LEVELS / 2 + 4 * torch.finfo(torch.float32).eps * magnitude)[:, None].expand_as(rows)
-
 
 # --------------------------------------------------------------------------------------------------
 

@@ -246,7 +246,11 @@ class LeoAMCache(PagedCache):
         abstract_tokens, count_cost: as in `LeoAM` (`refine`: adaptive selection, merged chunks split
             into pages where the query needs them; False: the prefill-only chunks, taken whole).
         page_size: tokens per page (the granularity of chunks and transfers).
-        compress: 8-bit min/max compression of disk pages (False: raw, lossless).
+        compress: 8-bit min/max compression of what leaves the device: disk pages always, host pages
+            as `compress_host` says (False: everything raw, lossless).
+        compress_host: host pages as 8-bit codes too, so host <-> device copies move codes. None
+            (default): when the KV lives on a CUDA device; on a CPU "device" and "host" are the same
+            memory, and coding every move only costs time.
         prefetch: speculative prefetch of the next layer's chunks on the background thread. None
             (default): on when the KV lives on a CUDA device. On a CPU "device" and "host" are the
             same memory and the thread only competes with the decode for the cores (measured slower,
@@ -274,6 +278,7 @@ class LeoAMCache(PagedCache):
         count_cost: bool = False,
         page_size: int = 16,
         compress: bool = True,
+        compress_host: bool | None = None,
         prefetch: bool | None = None,
         num_layers: int | None = None,
         pin_memory: bool | None = None,
@@ -317,6 +322,7 @@ class LeoAMCache(PagedCache):
             num_layers=num_layers,
             disk_store=store,
             pin_memory=pin_memory,
+            compress_host=compress_host if compress else False,
         )
         policy.cache_ref = weakref.ref(self)
         self.device_budget, self.host_budget, self.budget = device_budget, host_budget, budget
