@@ -221,7 +221,7 @@ def test_nexus_load_is_the_fuller_of_seats_and_pages():
     def state(admitted, max_seqs, reserved, free):
         reqs = [SimpleNamespace(reserved_pages=r) for r in reserved]
         return SchedulerState(now=0.0, waiting=reqs[:1], decoding=reqs[1:], page_size=16, free_pages=free,
-                              max_num_seqs=max_seqs, admitted=admitted)  # fmt: skip
+                              num_pages=free + sum(reserved), max_num_seqs=max_seqs, admitted=admitted)  # fmt: skip
 
     nexus = Nexus(load_range=(0.3, 0.9))
     assert nexus.load(state(0, 8, [], 100)) == 0.0

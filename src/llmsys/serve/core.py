@@ -92,6 +92,7 @@ class ServingCore:
             decoding=self.decoding,
             page_size=self.page_size,
             free_pages=self.free_pages,
+            num_pages=self.num_pages,
             max_num_seqs=self.max_num_seqs,
             admitted=self.admitted,
             held_share={lane: b.sm_share for lane, b in self.in_flight.items()},

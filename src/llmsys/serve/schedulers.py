@@ -40,6 +40,7 @@ class SchedulerState:
     decoding: list[RequestState]  # prompt done, generating, arrival order
     page_size: int
     free_pages: int  # pages not reserved by an admitted request
+    num_pages: int  # pages of the KV pool (reserved + free)
     max_num_seqs: int  # most requests admitted at once
     admitted: int  # requests admitted now
     held_share: dict[str, float] = field(default_factory=dict)  # lane -> SM share of its running batch
@@ -320,9 +321,8 @@ class Nexus(Scheduler):
     def load(self, state: SchedulerState) -> float:
         """The server's load in [0, 1]: the larger of the shares of sequence seats and of KV pages that
         admitted requests hold, mapped linearly from `load_range[0]` (0) to `load_range[1]` (1)."""
-        reserved = sum(r.reserved_pages for r in (*state.waiting, *state.decoding))
-        total = state.free_pages + reserved
-        used = max(state.admitted / state.max_num_seqs, reserved / total if total else 0.0)
+        reserved = state.num_pages - state.free_pages
+        used = max(state.admitted / state.max_num_seqs, reserved / state.num_pages if state.num_pages else 0.0)
         low, high = self.load_range
         return min(1.0, max(0.0, (used - low) / (high - low)))
 
