@@ -68,7 +68,10 @@ SIZES = {
     # ~374M parameters (308M in the decoder layers, 66M in embeddings + head)
     "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16),
 }
-METHODS = ["qzo_nf4", "qzo_int4", "mezo_bf16", "mezo_fp32", "sgd_bf16", "adamw_bf16", "adamw_fp32", "lora_bf16"]
+METHODS = [
+    "qzo_nf4", "qzo_nf4_in_place", "qzo_int4", "mezo_bf16", "mezo_fp32", "sgd_bf16", "adamw_bf16", "adamw_fp32",
+    "adamw_amp", "lora_bf16",
+]
 
 
 def _status_kb(field: str) -> int | None:
@@ -357,15 +360,20 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int,
     tracker = AllocTracker() if track_alloc and not cuda else None
     if tracker is not None:
         tracker.__enter__()
-    dtype = torch.float32 if method.endswith("fp32") else torch.bfloat16
+    # adamw_amp: mixed precision as `Trainer(bf16=True)` runs it - fp32 weights, gradients and moments,
+    # the forward and backward under bf16 autocast
+    amp = method == "adamw_amp"
+    dtype = torch.float32 if method.endswith("fp32") or amp else torch.bfloat16
     model = tiny_model(
         "llama", dtype=dtype, vocab_size=32000, num_key_value_heads=SIZES[size]["num_attention_heads"],
         max_position_embeddings=2048, **SIZES[size],
     ).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    if method == "qzo_nf4":
+    if method.startswith("qzo_nf4"):
         quantize_bnb(model, "nf4", compute_dtype=torch.bfloat16)
-        opt: Any = QZO(model, lr=1e-5)
+        # qzo_nf4_in_place: the ablation of forward-time perturbation (every scale shifted for the whole
+        # closure, restored from a copy of all of them)
+        opt: Any = QZO(model, lr=1e-5, perturb="in_place" if method.endswith("in_place") else "forward")
     elif method == "qzo_int4":
         quantize_int4(model, 128)
         opt = QZO(model, lr=1e-5)
@@ -388,7 +396,8 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int,
             return model(input_ids=ids, labels=ids).loss
         # llmsys.qzo's default loss (train()): no KV cache; without autograd (QZO, MeZO) the same number
         # computed without float32 copies of all the logits; with autograd the model's own loss
-        return causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            return causal_lm_loss(model, {"input_ids": ids, "labels": ids})
 
     reset_ok = _reset_peak() if not cuda else True
     rss_setup = _status_kb("VmRSS")  # after malloc_trim: the model, ready to train
@@ -414,6 +423,7 @@ def memory_worker(method: str, size: str, steps: int, seq: int, batch: int,
     out: dict[str, Any] = {
         "method": method, "size": size, "params": n_params, "steps": steps, "batch": batch, "seq": seq,
         "loss": "model(input_ids, labels).loss" if model_loss else "llmsys.qzo.causal_lm_loss",
+        "perturb": getattr(opt, "perturb", None),
         "step_s": times, "median_step_s": statistics.median(times[1:] or times),
         "step_time_note": "median after the warm-up step" if steps > 1 else "the only step (includes warm-up)",
     }
@@ -736,10 +746,14 @@ def summarize(memory: list[dict[str, Any]]) -> dict[str, Any]:
         # footprint, no allocator slack: the measure a GPU reports
         "peak_alloc_ratio_vs_adamw": ratio("adamw_bf16", "qzo_nf4", "peak_allocated_bytes"),
         "peak_alloc_ratio_vs_adamw_fp32": ratio("adamw_fp32", "qzo_nf4", "peak_allocated_bytes"),
+        "peak_alloc_ratio_vs_adamw_amp": ratio("adamw_amp", "qzo_nf4", "peak_allocated_bytes"),
+        "peak_mem_ratio_vs_adamw_amp": ratio("adamw_amp", "qzo_nf4"),
         "peak_alloc_ratio_vs_mezo_bf16": ratio("mezo_bf16", "qzo_nf4", "peak_allocated_bytes"),
         "peak_alloc_ratio_vs_sgd_bf16": ratio("sgd_bf16", "qzo_nf4", "peak_allocated_bytes"),
         "qzo_int4_peak_alloc_ratio_vs_adamw": ratio("adamw_bf16", "qzo_int4", "peak_allocated_bytes"),
         "qzo_int4_peak_ratio_vs_adamw": ratio("adamw_bf16", "qzo_int4"),
+        # what shifting each layer's scales only inside its forward saves (> 1: in place holds more)
+        "qzo_nf4_in_place_peak_alloc_ratio": ratio("qzo_nf4_in_place", "qzo_nf4", "peak_allocated_bytes"),
     }
     if "qzo_nf4" in by and "mezo_bf16" in by:
         s["steps_per_s_qzo_nf4"] = 1 / by["qzo_nf4"]["median_step_s"]

@@ -34,16 +34,17 @@ def test_registered():
     assert get_method("qzo") is QZO and get_method("mezo") is MeZO
 
 
-def test_step_matches_the_formula_and_moves_only_scales():
+@pytest.mark.parametrize("perturb", ["forward", "in_place"])
+def test_step_matches_the_formula_and_moves_only_scales(perturb):
     model, x = int4_model(), ids()
-    opt = QZO(model, lr=1e-2, eps=1e-3, clip=100.0, seed=3)
+    opt = QZO(model, lr=1e-2, eps=1e-3, clip=100.0, seed=3, perturb=perturb)
     before = snapshot(model)
     scales = [t.detach().clone() for _, t in quantized_scales(model)]
     seed = opt.step_seed(0)
 
-    # independent recomputation: z from a fresh generator in the optimizer's tensor order
-    gen = torch.Generator().manual_seed(seed)
-    zs = [torch.randn(s.shape, generator=gen) for s in scales]
+    # independent recomputation: each tensor's z from a fresh generator seeded with its own seed
+    zs = [torch.randn(s.shape, generator=torch.Generator().manual_seed(opt.tensor_seed(seed, i)))
+          for i, s in enumerate(scales)]
     losses = []
     with torch.no_grad():
         for sign in (1, -1):
@@ -65,6 +66,25 @@ def test_step_matches_the_formula_and_moves_only_scales():
     assert opt.state_dict()["steps"] == 1 and len(opt.state) == 0  # no per-tensor optimizer state
 
 
+@pytest.mark.parametrize("backend", ["int4", "nf4"])
+def test_forward_and_in_place_perturbation_take_identical_steps(backend):
+    runs = []
+    for perturb in ("forward", "in_place"):
+        model = tiny_model("llama")
+        if backend == "int4":
+            quantize_int4(model, 32, backend="reference")
+        else:
+            pytest.importorskip("bitsandbytes")
+            from llmsys.qzo import quantize_bnb
+
+            quantize_bnb(model, "nf4")
+        opt = QZO(model, lr=1e-2, eps=1e-3, seed=5, perturb=perturb, train_unquantized=lambda n, p: "norm" in n)
+        losses = [float(opt.step(lm_loss(model, ids(seed=k)))) for k in range(3)]
+        runs.append((losses, [t.detach().clone() for t in opt.named_tensors().values()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_global_rng_untouched():
     model, x = int4_model(), ids()
     opt = QZO(model, lr=1e-3)
@@ -75,24 +95,57 @@ def test_global_rng_untouched():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_exact_restore_between_and_after_passes():
-    model = int4_model()
-    opt = QZO(model, lr=1e-3, eps=1e-2)
-    start = [t.detach().clone() for _, t in quantized_scales(model)]
-    seen = []
+def _scales_seen_by_the_layers(model):
+    """Record each Int4Linear's scales as its forward sees them (the forward mode shifts them only there)."""
+    seen = {}
+
+    def spy(module, args, output):  # registered first, so it runs before the optimizer's restoring hook
+        seen[module] = module.scales.detach().clone()
+
+    return seen, [m.register_forward_hook(spy) for m in model.modules() if isinstance(m, Int4Linear)]
+
+
+@pytest.mark.parametrize("perturb", ["forward", "in_place"])
+def test_exact_restore_between_and_after_passes(perturb):
+    model, x = int4_model(), ids()
+    opt = QZO(model, lr=1e-3, eps=1e-2, perturb=perturb)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    start = [m.scales.detach().clone() for m in layers]
+    seen, handles = _scales_seen_by_the_layers(model)
+    passes, outside = [], []
 
     def closure():
-        seen.append([t.detach().clone() for _, t in quantized_scales(model)])
-        return torch.tensor(float("nan")) if len(seen) == 2 else torch.tensor(1.0)
+        model(input_ids=x)
+        passes.append([seen[m] for m in layers])
+        outside.append([m.scales.detach().clone() for m in layers])
+        return torch.tensor(float("nan")) if len(passes) == 2 else torch.tensor(1.0)
 
     opt.step(closure)
-    plus, minus = seen
+    for h in handles:
+        h.remove()
+    plus, minus = passes
     for s, p, m in zip(start, plus, minus):
         torch.testing.assert_close((p - s), -(m - s))  # +eps z and -eps z around the same point
         assert not torch.equal(p, s)
-    for s, (_, t) in zip(start, quantized_scales(model)):
-        assert torch.equal(t, s)  # skipped (NaN) step: bit-exact restore
+    if perturb == "forward":  # outside the layers' forward the scales are never shifted
+        assert all(torch.equal(o, s) for seen_then in outside for o, s in zip(seen_then, start))
+    for s, m in zip(start, layers):
+        assert torch.equal(m.scales, s)  # skipped (NaN) step: bit-exact restore
     assert opt.skipped_steps == 1 and opt.last.applied is False
+
+
+@pytest.mark.parametrize("perturb", ["forward", "in_place"])
+def test_a_closure_that_raises_leaves_the_scales_as_they_were(perturb):
+    model, x = int4_model(), ids()
+    opt = QZO(model, lr=1e-3, eps=1e-2, perturb=perturb, train_unquantized=lambda n, p: "norm" in n)
+    start = {n: t.detach().clone() for n, t in opt.named_tensors().items()}
+    layer = [m for m in model.modules() if isinstance(m, Int4Linear)][-1]
+    handle = layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(lm_loss(model, x))
+    handle.remove()
+    assert all(torch.equal(t, start[n]) for n, t in opt.named_tensors().items())
+    assert opt.steps == 0
 
 
 def test_non_finite_loss_is_skipped_and_counted():
@@ -113,9 +166,8 @@ def test_clipping_bounds_the_update_and_scales_stay_positive():
     opt = QZO(model, lr=1e-4, eps=1e-3, clip=5.0)
     opt.step(lambda: torch.tensor(next(calls)))
     assert opt.clipped_steps == 1 and opt.last.clipped
-    gen = torch.Generator().manual_seed(opt.step_seed(0))
-    for s, (_, t) in zip(start, quantized_scales(model)):
-        z = torch.randn(s.shape, generator=gen)
+    for i, (s, (_, t)) in enumerate(zip(start, quantized_scales(model))):
+        z = torch.randn(s.shape, generator=torch.Generator().manual_seed(opt.tensor_seed(opt.step_seed(0), i)))
         torch.testing.assert_close(t, (s - 1e-4 * 5.0 * z).clamp(min=1e-7))
 
     huge = QZO(model, lr=10.0, clip=None, min_scale=1e-5)

@@ -64,6 +64,13 @@ def _to_float_absmax(name: str, state, mode: DoubleQuant) -> torch.Tensor:
 
 def bnb_scales(model: nn.Module, double_quant: DoubleQuant = "error") -> list[tuple[str, torch.Tensor]]:
     """``(name, absmax)`` of every bitsandbytes 4-bit layer (the tensors the forward reads live)."""
+    return [(name, absmax) for name, absmax, _ in bnb_scale_owners(model, double_quant)]
+
+
+def bnb_scale_owners(
+    model: nn.Module, double_quant: DoubleQuant = "error"
+) -> list[tuple[str, torch.Tensor, nn.Module]]:
+    """``(name, absmax, layer)``: `bnb_scales` with the ``Linear4bit`` whose forward reads each."""
     found = []
     for name, module in model.named_modules():
         if not is_bnb_4bit(module):
@@ -74,7 +81,7 @@ def bnb_scales(model: nn.Module, double_quant: DoubleQuant = "error") -> list[tu
                 f"{name}: Linear4bit weight is not quantised yet (no quant_state); move the model to its device "
                 "(model.to('cpu') or .cuda()) or run one forward before creating the optimizer"
             )
-        found.append((f"{name}.weight.absmax", _to_float_absmax(name, state, double_quant)))
+        found.append((f"{name}.weight.absmax", _to_float_absmax(name, state, double_quant), module))
     return found
 
 

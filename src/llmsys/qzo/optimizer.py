@@ -10,20 +10,26 @@ QZO's theta is the continuous quantisation scales of a 4-bit model (``Int4Linear
 bitsandbytes ``quant_state.absmax``), optionally plus unquantised parameters; MeZO's theta is every
 floating-point parameter of a full-precision model. In data-parallel runs every rank draws the same
 ``z`` (same seed) and only the scalar ``d`` is all-reduced.
+
+Each tensor's ``z`` has its own seed (a function of the step's seed and the tensor's index), so it can
+be drawn alone, in any order. That lets QZO shift a layer's scales only while the layer runs (a
+forward pre-hook adds ``eps z``, a forward hook puts back a copy of that layer's scales): ``z`` and the
+exact-restore copy then exist for one layer at a time instead of for the whole model.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 
-from llmsys.qzo.bnb import DoubleQuant, bnb_scales, is_bnb_4bit
+from llmsys.qzo.bnb import DoubleQuant, bnb_scale_owners, is_bnb_4bit
 from llmsys.qzo.errors import CheckpointError, NoTrainableTensorsError
 from llmsys.qzo.int4 import Int4Linear
 
@@ -37,9 +43,14 @@ ParamFilter = Union[bool, Callable[[str, torch.Tensor], bool]]  # noqa: UP007 - 
 
 def quantized_scales(model: nn.Module, double_quant: DoubleQuant = "error") -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of every continuous quantisation scale the forward reads live."""
-    found = [(f"{n}.scales", m.scales) for n, m in model.named_modules() if isinstance(m, Int4Linear)]
+    return [(name, t) for name, t, _ in _scale_owners(model, double_quant)]
+
+
+def _scale_owners(model: nn.Module, double_quant: DoubleQuant) -> list[tuple[str, torch.Tensor, nn.Module]]:
+    """`quantized_scales` with the layer whose forward reads each scale."""
+    found = [(f"{n}.scales", m.scales, m) for n, m in model.named_modules() if isinstance(m, Int4Linear)]
     if any(is_bnb_4bit(m) for m in model.modules()):
-        found += bnb_scales(model, double_quant)
+        found += bnb_scale_owners(model, double_quant)
     return found
 
 
@@ -75,6 +86,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     or a 1-D tensor of per-micro-batch losses (each contributes its own difference quotient; in
     data-parallel runs each rank's sum is all-reduced and divided by the total count).
     The only state is the base seed and the step counter (``state_dict()``).
+
+    ``in_forward`` maps a tensor's index (in parameter-group order) to the module whose forward reads
+    it: such tensors are shifted only while that module runs (always restored exactly, from a copy of
+    that module's tensors). The others are shifted in place for the whole closure.
     """
 
     zeroth_order = True
@@ -90,6 +105,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         exact_restore: bool,
         distributed: bool | None,
         process_group: Any = None,
+        in_forward: dict[int, nn.Module] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -106,6 +122,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self._distributed = distributed
         self.steps = self.skipped_steps = self.clipped_steps = 0
         self.last: StepInfo | None = None
+        self._in_forward = dict(in_forward or {})
+        self._layers: dict[nn.Module, list[int]] = {}  # module -> indices of the tensors its forward reads
+        for index, module in self._in_forward.items():
+            self._layers.setdefault(module, []).append(index)
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -152,22 +173,57 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     # -- the algorithm ---------------------------------------------------------------------------
 
-    def _noise(self, seed: int):
-        """Yield (group, tensor, z) in a fixed order; z regenerated from ``seed`` with a dedicated
-        generator per device (the global RNG is never touched)."""
-        gens: dict[torch.device, torch.Generator] = {}
+    @staticmethod
+    def tensor_seed(seed: int, index: int) -> int:
+        """The seed of tensor ``index``'s ``z`` in the step with seed ``seed``."""
+        return (seed * 6_364_136_223_846_793_005 + (index + 1) * 1_442_695_040_888_963_407) % (2**63 - 1)
+
+    def _z(self, p: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+        """``z`` of one tensor, from a dedicated generator per device (the global RNG is never touched)."""
+        gen = self._generators.get(p.device)
+        if gen is None:
+            gen = self._generators[p.device] = torch.Generator(device=p.device)
+        gen.manual_seed(self.tensor_seed(seed, index))
+        return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+
+    def _noise(self, seed: int) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+        """Yield (group, tensor, z) for every trained tensor."""
+        index = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.device not in gens:
-                    gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-                yield group, p, torch.randn(p.shape, generator=gens[p.device], device=p.device, dtype=p.dtype)
+                yield group, p, self._z(p, seed, index)
+                index += 1
 
-    def _perturb(self, seed: int, scale: float, backup: list[torch.Tensor] | None) -> None:
-        for i, (_, p, z) in enumerate(self._noise(seed)):
-            if backup is not None:
-                p.copy_(backup[i]).add_(z, alpha=scale)  # theta0 + scale z: exact, no drift
-            else:
-                p.add_(z, alpha=scale)  # MeZO's in-place walk (+eps, -2eps, +eps): no copy
+    @contextmanager
+    def _shifted_in_forward(self, flat: list[torch.Tensor], seed: int, scale: float) -> Iterator[None]:
+        """While open, each `in_forward` module's tensors are ``theta0 + scale z`` during its forward only."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # a stack: (tensor, its value before the shift)
+
+        def hooks(indices: list[int]):
+            def shift(module: nn.Module, args: Any) -> None:
+                for i in indices:
+                    saved.append((flat[i], flat[i].detach().clone()))
+                    flat[i].add_(self._z(flat[i], seed, i), alpha=scale)
+
+            def restore(module: nn.Module, args: Any, output: Any) -> None:
+                for _ in indices:
+                    p, value = saved.pop()
+                    p.copy_(value)
+
+            return shift, restore
+
+        handles = []
+        try:
+            for module, indices in self._layers.items():
+                shift, restore = hooks(indices)
+                handles += [module.register_forward_pre_hook(shift), module.register_forward_hook(restore)]
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            while saved:  # a forward that raised half-way: put back what it had shifted
+                p, value = saved.pop()
+                p.copy_(value)
 
     @staticmethod
     def _losses(closure: Callable[[], Any]) -> torch.Tensor:
@@ -181,17 +237,34 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure returning the loss (two forwards per step)")
         seed, eps = self.step_seed(self.steps), self.eps
-        backup = [p.detach().clone() for g in self.param_groups for p in g["params"]] if self.exact_restore else None
-        self._perturb(seed, eps, backup)
-        plus = self._losses(closure)
-        self._perturb(seed, -2 * eps if backup is None else -eps, backup)
-        minus = self._losses(closure)
-        if backup is not None:
-            for p, b in zip((p for g in self.param_groups for p in g["params"]), backup):
-                p.copy_(b)
-            del backup
-        else:
-            self._perturb(seed, eps, None)
+        flat = [p for g in self.param_groups for p in g["params"]]
+        in_place = [i for i in range(len(flat)) if i not in self._in_forward]
+        # exact_restore: theta0 + scale z from a copy (no drift); else MeZO's walk +eps, -2eps, +eps (no copy)
+        backup = {i: flat[i].detach().clone() for i in in_place} if self.exact_restore else None
+        at = 0.0  # where the in-place tensors are, in units of z
+
+        def loss_at(scale: float) -> torch.Tensor:
+            nonlocal at
+            for i in in_place:
+                z = self._z(flat[i], seed, i)
+                if backup is not None:
+                    flat[i].copy_(backup[i]).add_(z, alpha=scale)
+                else:
+                    flat[i].add_(z, alpha=scale - at)
+            at = scale
+            with self._shifted_in_forward(flat, seed, scale):
+                return self._losses(closure)
+
+        try:
+            plus = loss_at(eps)
+            minus = loss_at(-eps)
+        finally:  # also when the closure raised: the tensors never stay perturbed
+            for i in in_place:
+                if backup is not None:
+                    flat[i].copy_(backup[i])
+                elif at:
+                    flat[i].add_(self._z(flat[i], seed, i), alpha=-at)
+            backup = None  # free the copy before the update
 
         # ONE scalar per step crosses ranks: the sum of this rank's difference quotients.
         quotient = ((plus - minus) / (2 * eps)).sum().reshape(1)
@@ -233,9 +306,12 @@ class QZO(ZerothOrderOptimizer):
     ``Linear4bit``. ``train_unquantized`` also trains unquantised parameters MeZO-style (True: all
     floating-point ones, e.g. norms, embeddings and head; or a ``f(name, param) -> bool``), with
     ``unquantized_lr`` (default ``lr``) and ``weight_decay``. ``clip=None`` disables clipping.
-    Scales are clamped at ``min_scale`` after each update. ``exact_restore`` keeps a copy of the
-    trained tensors during the two forwards (cheap for scales) so they come back bit-exact.
-    ``distributed=None`` all-reduces when ``torch.distributed`` is initialised with > 1 rank.
+    Scales are clamped at ``min_scale`` after each update. ``perturb="forward"`` (default) shifts each
+    layer's scales only while that layer's forward runs and puts them back from a copy of that layer's
+    scales alone; ``perturb="in_place"`` shifts every scale for the whole closure (for closures that read
+    scales outside the layers' forward, e.g. ``layer.dequantize()``). ``exact_restore`` keeps a copy of
+    the tensors shifted in place during the two forwards so they come back bit-exact. Both give the
+    same steps. ``distributed=None`` all-reduces when ``torch.distributed`` is initialised with > 1 rank.
     """
 
     def __init__(
@@ -251,11 +327,15 @@ class QZO(ZerothOrderOptimizer):
         weight_decay: float = 0.0,
         double_quant: DoubleQuant = "error",
         seed: int = 0,
+        perturb: Literal["forward", "in_place"] = "forward",
         exact_restore: bool = True,
         distributed: bool | None = None,
         process_group: Any = None,
     ) -> None:
-        scales = quantized_scales(model, double_quant)
+        if perturb not in ("forward", "in_place"):
+            raise ValueError(f"perturb must be 'forward' or 'in_place', got {perturb!r}")
+        owned = _scale_owners(model, double_quant)
+        scales = [(name, t) for name, t, _ in owned]
         extra = _unquantized_params(model, train_unquantized)
         if not scales and not extra:
             kinds = {type(m).__name__ for m in model.modules()}
@@ -276,7 +356,9 @@ class QZO(ZerothOrderOptimizer):
         super().__init__(
             groups, lr=lr, eps=eps, clip=clip, seed=seed, exact_restore=exact_restore,
             distributed=distributed, process_group=process_group,
+            in_forward={i: layer for i, (_, _, layer) in enumerate(owned)} if perturb == "forward" else None,
         )
+        self.perturb = perturb
 
 
 class MeZO(ZerothOrderOptimizer):

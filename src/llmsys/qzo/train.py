@@ -41,8 +41,9 @@ __all__ = [
 Batch = Mapping[str, torch.Tensor]
 
 
-#: rows of logits upcast to float32 at a time by the no-grad loss (about 4 MB per chunk at a 32k vocab)
-LOSS_CHUNK_BYTES = 4 * 2**20
+#: float32 bytes of logits upcast at a time by the no-grad loss (8 rows at a 32k vocab; the chunk and its
+#: log_softmax are the loss's only temporaries besides the model's logits)
+LOSS_CHUNK_BYTES = 2**20
 _LEAN_KEYS = {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
 
 
