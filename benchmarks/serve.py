@@ -3,6 +3,7 @@
     python benchmarks/serve.py --quick                    # < 5 min on 2 cores: ShareGPT- and arXiv-like sweeps + CPU
     python benchmarks/serve.py                            # + LongBench shape, chunked-512, sensitivity, longer runs
     python benchmarks/serve.py --profile gpu.json         # simulate with a measured profile (llmsys serve profile)
+    python benchmarks/serve.py --seeds 0-9                # only the goals, Nexus vs chunked, on 10 workload draws
 
 Part 1 (simulated, default profile shaped like an 8B model on an H100 -- not a measurement): Poisson
 arrivals over a sweep of rates; per scheduler P50/P90/P99 TTFT and TBT, throughput, SLO attainment;
@@ -81,9 +82,9 @@ def run_point(make, dataset, rate, cost, slo, duration, floor, seed=0, max_num_s
     return simulate(make(), workload, cost, ttft_slo=slo[0], tbt_slo=slo[1], max_num_seqs=max_num_seqs).metrics
 
 
-def max_rate(make, dataset, cost, slo, duration, floor, iterations, max_num_seqs=None) -> float:
+def max_rate(make, dataset, cost, slo, duration, floor, iterations, max_num_seqs=None, seed=0) -> float:
     """Highest rate meeting the SLO: doubling from 1 req/s to bracket it, then bisection."""
-    ok = lambda r: run_point(make, dataset, r, cost, slo, duration, floor, max_num_seqs=max_num_seqs).meets_slo()  # noqa: E731
+    ok = lambda r: run_point(make, dataset, r, cost, slo, duration, floor, seed, max_num_seqs).meets_slo()  # noqa: E731
     low, high = 0.0, 0.5
     while ok(high):
         low, high = high, high * 2
@@ -138,6 +139,70 @@ def sweep(dataset: str, cost: CostModel, args, label: str = "", max_num_seqs: in
         "schedulers": schedulers,
         "goals": goals,
     }
+
+
+def seed_study(dataset: str, cost: CostModel, args, seeds: list[int]) -> dict:
+    """The three goals, Nexus vs chunked prefill 2048, on independent draws of the workload (one per
+    seed; the main sweep uses seed 0): does a win hold beyond the one draw it was measured on?"""
+    slo = SLOS[dataset]
+    seqs = cost.profile.default_max_num_seqs()
+    fs = factories(cost, *slo, full=False)
+    duration, floor, iters = (20.0, 200, 5) if args.quick else (60.0, 400, 7)
+    rows = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        rates = {n: max_rate(fs[n], dataset, cost, slo, duration, floor, iters, seqs, seed)
+                 for n in ("chunked", "nexus")}
+        ref = rates["chunked"]
+        at = {n: run_point(fs[n], dataset, ref, cost, slo, duration, floor, seed, seqs).row() for n in rates}
+        row = {"seed": seed, "reference_rate": ref}
+        for n in rates:
+            row.update({f"{n}_max_rate": rates[n], f"{n}_ttft_p99": at[n]["ttft_p99"],
+                        f"{n}_tbt_p99": at[n]["tbt_p99"]})
+        row["goals"] = {
+            "lower_ttft_p99": row["nexus_ttft_p99"] < row["chunked_ttft_p99"],
+            "lower_tbt_p99": row["nexus_tbt_p99"] < row["chunked_tbt_p99"],
+            "higher_max_rate": row["nexus_max_rate"] > row["chunked_max_rate"],
+        }
+        rows.append(row)
+        log.info("%s seed %d: %s (%.0f s)", dataset, seed, row["goals"], time.perf_counter() - t0)
+    met = {g: sum(r["goals"][g] for r in rows) for g in rows[0]["goals"]}
+    return {"dataset": dataset, "seeds": seeds, "rows": rows, "met": met, "of": len(rows)}
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """"0-9" or "0,3,5" -> a list of seeds."""
+    if "-" in spec:
+        first, last = spec.split("-")
+        return list(range(int(first), int(last) + 1))
+    return [int(x) for x in spec.split(",")]
+
+
+def plot_seeds(path: Path, studies: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    metrics = [("ttft_p99", "P99 TTFT at chunked's max rate"), ("tbt_p99", "P99 TBT at chunked's max rate"),
+               ("max_rate", "max rate under the SLO")]  # fmt: skip
+    width = 0.8 / len(studies)
+    for ax, (key, title) in zip(axes, metrics):
+        for i, st in enumerate(studies):
+            ratios = [r[f"nexus_{key}"] / r[f"chunked_{key}"] for r in st["rows"]]
+            ax.bar([s + i * width for s in range(len(ratios))], ratios, width, label=st["dataset"])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(f"Nexus / chunked: {title}", fontsize=9)
+        ax.set_xlabel("workload seed")
+        ax.set_xticks([s + width * (len(studies) - 1) / 2 for s in range(len(studies[0]["rows"]))],
+                      [str(r["seed"]) for r in studies[0]["rows"]])  # fmt: skip
+    axes[0].set_ylabel("ratio (latency: < 1 wins; rate: > 1 wins)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +353,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", help="a measured profile JSON to simulate with (applied to the 8B shape)")
     parser.add_argument("--gpu-profile", action="store_true", help="measure a GPU profile now (needs CUDA)")
     parser.add_argument("--skip-cpu", action="store_true", help="skip the real-engine CPU part")
+    parser.add_argument("--seeds", help="only check the goals on these workload seeds (e.g. 0-9): serve_seeds.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = Path(args.out)
@@ -303,6 +369,15 @@ def main(argv=None) -> int:
         profiles["measured"] = measured.with_model(ModelShape.llama3_8b())
 
     datasets = ["sharegpt", "arxiv"] if args.quick else ["sharegpt", "longbench", "arxiv"]
+    if args.seeds:
+        studies = [seed_study(d, CostModel(profiles["default"]), args, parse_seeds(args.seeds)) for d in datasets]
+        result = {"machine": machine_info(), "quick": args.quick, "studies": studies,
+                  "seconds": time.perf_counter() - t0}  # fmt: skip
+        for st in studies:
+            print(f"{st['dataset']}: goals met on {st['of']} seeds: {st['met']}")
+        path = write_json(out_dir / "serve_seeds.json", result)
+        print(f"wrote {path} and {plot_seeds(out_dir / 'serve_seeds.png', studies)} ({result['seconds']:.0f} s)")
+        return 0
     main_sweeps = [sweep(d, CostModel(profiles["default"]), args) for d in datasets]
     result = {
         "machine": machine_info(),

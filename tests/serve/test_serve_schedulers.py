@@ -236,11 +236,16 @@ def test_nexus_load_is_the_fuller_of_seats_and_pages():
 
 
 def test_nexus_starvation_guard():
-    core = _core(Nexus(prefill_budget=50, ttft_slo=1.0))
+    core = _core(Nexus(prefill_budget=50, ttft_slo=1.0))  # the guard: 0.1 x ttft_slo
     core.add(_req(0, 40, arrival=0.0))
-    core.add(_req(1, 10, arrival=0.4))
-    # at t=0.45 nobody starves: shortest first; at t=0.6 r0 waited > 0.5 s: it goes first
-    assert [r.request_id for r, _ in core.schedule("prefill", 0.45).prefill] == ["r1", "r0"]
+    core.add(_req(1, 10, arrival=0.04))
+    # at t=0.08 nobody starves: shortest first
+    assert [r.request_id for r, _ in core.schedule("prefill", 0.08).prefill] == ["r1", "r0"]
+    late = _core(Nexus(prefill_budget=50, ttft_slo=1.0))
+    late.add(_req(0, 40, arrival=0.0))
+    late.add(_req(1, 10, arrival=0.04))
+    # at t=0.12 r0 waited > 0.1 s, r1 not: r0 goes first
+    assert [r.request_id for r, _ in late.schedule("prefill", 0.12).prefill] == ["r0", "r1"]
     pure = _core(Nexus(prefill_budget=20, starvation_guard=None))
     guarded = _core(Nexus(prefill_budget=20))
     for core in (pure, guarded):
