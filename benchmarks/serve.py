@@ -4,6 +4,7 @@
     python benchmarks/serve.py                            # + LongBench shape, chunked-512, sensitivity, longer runs
     python benchmarks/serve.py --profile gpu.json         # simulate with a measured profile (llmsys serve profile)
     python benchmarks/serve.py --seeds 0-9                # only the goals, Nexus vs chunked, on 10 workload draws
+    python benchmarks/serve.py --seeds 0-4 --profile-set mixed_decode_penalty=1.5   # ... with an assumption changed
 
 Part 1 (simulated, default profile shaped like an 8B model on an H100 -- not a measurement): Poisson
 arrivals over a sweep of rates; per scheduler P50/P90/P99 TTFT and TBT, throughput, SLO attainment;
@@ -354,6 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-profile", action="store_true", help="measure a GPU profile now (needs CUDA)")
     parser.add_argument("--skip-cpu", action="store_true", help="skip the real-engine CPU part")
     parser.add_argument("--seeds", help="only check the goals on these workload seeds (e.g. 0-9): serve_seeds.json")
+    parser.add_argument("--profile-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one number of the default profile (e.g. contention_cache=0.6), repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = Path(args.out)
@@ -361,6 +364,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     profiles = {"default": default_profile()}
+    if args.profile_set:  # a sensitivity: the default profile with some assumed numbers changed
+        changes = {}
+        for item in args.profile_set:
+            field, _, value = item.partition("=")
+            if not hasattr(profiles["default"], field) or not value:
+                parser.error(f"--profile-set {item!r}: expected FIELD=VALUE with a Profile field")
+            changes[field] = float(value)
+        profiles["default"] = replace(profiles["default"], **changes)
     if args.profile:
         profiles["measured"] = Profile.load(args.profile).with_model(ModelShape.llama3_8b())
     if args.gpu_profile:
@@ -371,8 +382,8 @@ def main(argv=None) -> int:
     datasets = ["sharegpt", "arxiv"] if args.quick else ["sharegpt", "longbench", "arxiv"]
     if args.seeds:
         studies = [seed_study(d, CostModel(profiles["default"]), args, parse_seeds(args.seeds)) for d in datasets]
-        result = {"machine": machine_info(), "quick": args.quick, "studies": studies,
-                  "seconds": time.perf_counter() - t0}  # fmt: skip
+        result = {"machine": machine_info(), "quick": args.quick, "profile_changes": args.profile_set,
+                  "studies": studies, "seconds": time.perf_counter() - t0}  # fmt: skip
         for st in studies:
             print(f"{st['dataset']}: goals met on {st['of']} seeds: {st['met']}")
         path = write_json(out_dir / "serve_seeds.json", result)
