@@ -368,9 +368,10 @@ def main(argv=None) -> int:
         changes = {}
         for item in args.profile_set:
             field, _, value = item.partition("=")
-            if not hasattr(profiles["default"], field) or not value:
-                parser.error(f"--profile-set {item!r}: expected FIELD=VALUE with a Profile field")
-            changes[field] = float(value)
+            current = getattr(profiles["default"], field, None)
+            if not isinstance(current, (int, float)) or not value:
+                parser.error(f"--profile-set {item!r}: expected FIELD=VALUE with a numeric Profile field")
+            changes[field] = type(current)(float(value))
         profiles["default"] = replace(profiles["default"], **changes)
     if args.profile:
         profiles["measured"] = Profile.load(args.profile).with_model(ModelShape.llama3_8b())
