@@ -99,13 +99,18 @@ def max_rate(make, dataset, cost, slo, duration, floor, iterations, max_num_seqs
     return low
 
 
+def run_length(args) -> tuple[float, int, int]:
+    """Seconds of arrivals per point, the least number of requests, bisection steps of the max rate."""
+    return (20.0, 200, 5) if args.quick else (60.0, 400, 7)
+
+
 def sweep(dataset: str, cost: CostModel, args, label: str = "", max_num_seqs: int | None = None) -> dict:
     """Max rate under the SLO and a rate grid around chunked prefill's, every scheduler. `max_num_seqs`
     None: vLLM's default for the profile's device (1024 on the H100-shaped default)."""
     slo = SLOS[dataset]
     seqs = cost.profile.default_max_num_seqs() if max_num_seqs is None else max_num_seqs
     fs = factories(cost, *slo, full=not args.quick)
-    duration, floor, iters = (20.0, 200, 5) if args.quick else (60.0, 400, 7)
+    duration, floor, iters = run_length(args)
     t0 = time.perf_counter()
     rates_max = {name: max_rate(make, dataset, cost, slo, duration, floor, iters, seqs) for name, make in fs.items()}
     ref = rates_max["chunked"]  # the highest rate chunked prefill sustains
@@ -148,7 +153,7 @@ def seed_study(dataset: str, cost: CostModel, args, seeds: list[int]) -> dict:
     slo = SLOS[dataset]
     seqs = cost.profile.default_max_num_seqs()
     fs = factories(cost, *slo, full=False)
-    duration, floor, iters = (20.0, 200, 5) if args.quick else (60.0, 400, 7)
+    duration, floor, iters = run_length(args)
     rows = []
     for seed in seeds:
         t0 = time.perf_counter()
