@@ -13,6 +13,15 @@
    all 2,520 per-layer assignments): with each layer's load within 0.05 of the greedy's, and (full
    run) with no load bound - how much any placement can cut against the greedy on these traces.
    `--exact-only` runs just this part (and the affinity sweep's exact rows) into moe_exact.json.
+6. held out: greedy, MoETuner and the exact optimum solved on one sample of the Mixtral workload and
+   evaluated on another sample of the same synthetic model (a placement is deployed on traffic it
+   was not fitted to).
+
+    python benchmarks/moe.py --trace fit.npz [--test-trace test.npz] [--gpus 4] [--time-limit 30]
+
+runs the comparison on a trace of your own instead (`RoutingTrace.save` / `llmsys moe record`, e.g. a
+real model's routing): its statistics, every solver, the exact optimum where the shape allows it, and,
+with --test-trace, the placements fitted on the first trace evaluated on the second -> moe_trace.json.
 For contiguous / round-robin / EPLB greedy / MoETuner: max/mean load, max pair traffic (MoETuner's
 inter-layer model), estimated step time, solve time. Writes moe.json and PNG plots into --out
 (default benchmarks/results). --quick (under 5 minutes on 2 cores) uses fewer tokens and shorter time limits.
@@ -48,7 +57,7 @@ from llmsys.moe import (  # noqa: E402
     plot_reports,
     synthetic_shape_trace,
 )
-from llmsys.moe.exact import exact_placement  # noqa: E402
+from llmsys.moe.exact import MAX_STATES, exact_placement, num_assignments  # noqa: E402
 from llmsys.moe.trace import HOT_RATIO  # noqa: E402
 from llmsys.testing import tiny_model  # noqa: E402
 
@@ -102,6 +111,7 @@ def run_case(name: str, trace: RoutingTrace, gpus: int, time_limit: float, hw: H
     plot_reports(reports, out / f"moe_{name}.png", title=f"{name}: {trace.source}")
     return {
         "trace": trace.source,
+        "trace_stats": trace.stats(),
         "gpus": gpus,
         "nodes": topo.num_nodes,
         "tokens": trace.num_tokens,
@@ -129,6 +139,63 @@ def exact_bounds(trace: RoutingTrace, gpus: int, unbounded: bool) -> dict[str, A
             "load_minus_greedy": round(report.max_mean_load - greedy.max_mean_load, 4),
         }
     return out
+
+
+def held_out(fit: RoutingTrace, test: RoutingTrace, gpus: int, time_limit: float) -> dict[str, Any]:
+    """Placements solved on `fit` (greedy, MoETuner, the exact optimum where the shape allows it),
+    evaluated on `fit` itself and on `test`, another sample of the workload."""
+    topo = _topology(gpus)
+    greedy = EPLBGreedy(topo)(fit)
+    placements = {"eplb_greedy": greedy, "moetuner": MoETuner(topo, time_limit=time_limit)(fit)}
+    if fit.num_experts % gpus == 0 and num_assignments(fit.num_experts, gpus) <= MAX_STATES:
+        bound = evaluate(greedy, fit, ep_homes=False).max_mean_per_layer + 0.05
+        placements["exact_load_within_0.05"] = exact_placement(fit, topo, max_load=bound)
+    out: dict[str, Any] = {"fit": fit.source, "test": test.source, "fit_stats": fit.stats(),
+                           "test_stats": test.stats(), "gpus": gpus}  # fmt: skip
+    for where, trace in (("on_fit", fit), ("on_test", test)):
+        reports = {name: evaluate(p, trace, ep_homes=False) for name, p in placements.items()}
+        base = reports["eplb_greedy"]
+        out[where] = {
+            name: {
+                "max_mean_load": round(r.max_mean_load, 4),
+                "max_pair_traffic": round(r.max_pair_traffic, 2),
+                "vs_greedy": round(r.max_pair_traffic / max(base.max_pair_traffic, 1e-9) - 1, 4),
+                "load_minus_greedy": round(r.max_mean_load - base.max_mean_load, 4),
+            }
+            for name, r in reports.items()
+        }
+    return out
+
+
+def print_held_out(res: dict[str, Any]) -> None:
+    rows = [{"evaluated": where, "solver": name, **row} for where in ("on_fit", "on_test")
+            for name, row in res[where].items()]  # fmt: skip
+    print_table(rows, ["evaluated", "solver", "max_mean_load", "max_pair_traffic", "vs_greedy", "load_minus_greedy"])
+
+
+def trace_mode(args: argparse.Namespace, out: Path) -> int:
+    """The comparison on a user's trace (--trace, optionally --test-trace) -> moe_trace.json."""
+    start = time.perf_counter()
+    fit = RoutingTrace.from_file(args.trace)
+    stats = {"fit": fit.stats()}
+    print(f"trace {args.trace}: {fit.num_tokens} tokens x {fit.num_layers} layers x top-{fit.top_k} of "
+          f"{fit.num_experts} experts; {stats['fit']}")  # fmt: skip
+    case = run_case("trace", fit, args.gpus, args.time_limit, None, out, paper_variant=True)
+    print_table([{**row, "case": "trace", "solver": name} for name, row in case["solvers"].items()], COLUMNS)
+    payload: dict[str, Any] = {"benchmark": "moe_trace", "machine": machine_info(), "trace": str(args.trace),
+                               "case": case}  # fmt: skip
+    if fit.num_experts % args.gpus == 0 and num_assignments(fit.num_experts, args.gpus) <= MAX_STATES:
+        payload["exact_optimum"] = exact_bounds(fit, args.gpus, unbounded=True)
+        print_exact({"trace": payload["exact_optimum"]})
+    if args.test_trace:
+        test = RoutingTrace.from_file(args.test_trace)
+        payload["held_out"] = held_out(fit, test, args.gpus, args.time_limit)
+        print(f"fitted on {args.trace}, evaluated on {args.test_trace} ({test.num_tokens} tokens)")
+        print_held_out(payload["held_out"])
+    payload["seconds"] = round(time.perf_counter() - start, 1)
+    path = write_json(out / "moe_trace.json", payload)
+    print(f"\nwrote {path} and {out / 'moe_trace.png'} ({payload['seconds']}s)")
+    return 0
 
 
 def exact_part(q: bool) -> dict[str, Any]:
@@ -202,6 +269,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer tokens, shorter solver time limits (< 5 min)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
     parser.add_argument("--exact-only", action="store_true", help="only part 5 (exact optimum) -> moe_exact.json")
+    parser.add_argument("--trace", help="a RoutingTrace .npz of your own: compare the solvers on it instead")
+    parser.add_argument("--test-trace", help="with --trace: another sample of the workload to evaluate on")
+    parser.add_argument("--gpus", type=int, default=4, help="with --trace: GPUs (8 per node; default 4)")
+    parser.add_argument("--time-limit", type=float, default=30.0, help="with --trace: MoETuner seconds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -209,6 +280,10 @@ def main() -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     q = args.quick
+    if args.test_trace and not args.trace:
+        parser.error("--test-trace needs --trace (the trace the placements are fitted on)")
+    if args.trace:
+        return trace_mode(args, out)
     if args.exact_only:
         exact = exact_part(q)
         print_exact(exact)
@@ -267,6 +342,14 @@ def main() -> int:
     print("== exact optimum of the traffic objective, Mixtral shape, 4 GPUs")
     exact = exact_part(q)
 
+    print("== held out: fitted on one sample of the Mixtral workload, evaluated on another")
+    held = held_out(
+        synthetic_shape_trace("mixtral", 8192, seed=0, sample_seed=1),
+        synthetic_shape_trace("mixtral", 8192, seed=0, sample_seed=2),
+        4,
+        12.0 if q else 60.0,
+    )
+
     # goals of the issue, evaluated on the numbers above
     goals: dict[str, Any] = {}
     for name in ("mixtral_4gpu", "mixtral_8gpu"):
@@ -283,6 +366,7 @@ def main() -> int:
     goals["qwen3_moe_16gpu_stage1_lower_bound"] = q16["moetuner_meta"]["stage1"]["max_mean_lower_bound"]
     goals["qwen3_moe_16gpu_within_60s"] = bool(q16["solvers"]["moetuner"]["solve_seconds"] <= 60.0)
     goals["mixtral_4gpu_best_possible_cut_vs_greedy"] = -exact["mixtral_4gpu"]["load_within_0.05"]["vs_greedy"]
+    goals["mixtral_4gpu_held_out_cut_vs_greedy"] = -held["on_test"]["moetuner"]["vs_greedy"]
     goals["ep_bytes_match_prediction"] = all(r["bytes_match"] for r in ep)
     goals["ep_max_abs_diff"] = max(r["max_abs_diff"] for r in ep)
 
@@ -305,6 +389,7 @@ def main() -> int:
     )
     print_table(ep, ["world_size", "family", "placement", "max_abs_diff", "bytes_match", "measured_total_bytes"])
     print_exact(exact)
+    print_held_out(held)
     for key, value in goals.items():
         print(f"{key:40s} {value}")
 
@@ -358,6 +443,7 @@ def main() -> int:
         "affinity_sweep": sweep,
         "expert_parallel": ep,
         "exact_optimum": exact,
+        "held_out": held,
         "goals": goals,
     }
     path = write_json(out / "moe.json", payload)

@@ -172,3 +172,34 @@ def test_shape_presets():
     assert (trace.num_experts, trace.num_layers, trace.top_k) == (8, 32, 2)
     with pytest.raises(ValueError, match="unknown shape"):
         synthetic_shape_trace("gpt5", 10)
+
+
+def test_sample_seed_draws_new_tokens_from_the_same_model():
+    base = dict(num_experts=8, num_layers=4, top_k=2, num_tokens=20000, seed=3)
+    a, b = synthetic_trace(**base, sample_seed=1), synthetic_trace(**base, sample_seed=2)
+    other = synthetic_trace(**{**base, "seed": 4}, sample_seed=1)
+    assert not np.array_equal(a.topk, b.topk)
+    np.testing.assert_array_equal(a.topk, synthetic_trace(**base, sample_seed=1).topk)
+
+    def shares(t):
+        return t.load / t.load.sum(axis=0)
+
+    same = np.abs(shares(a) - shares(b)).max()
+    assert same < 0.02  # sampling noise only
+    assert np.abs(shares(a) - shares(other)).max() > 5 * same  # another model differs for real
+    assert "sample_seed=1" in a.source
+
+
+def test_stats_read_skew_and_inter_layer_dependence():
+    E, T = 8, 4000
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, E, T)
+    perm = rng.permutation(E)
+    chained = RoutingTrace(np.stack([first, perm[first]], axis=1)[:, :, None], E)  # layer 1 = f(layer 0)
+    independent = RoutingTrace(rng.integers(0, E, (T, 2, 1)), E)
+    st_chained, st_independent = chained.stats(), independent.stats()
+    assert abs(st_chained["interlayer_mi"] - np.log(E)) < 0.01  # the next expert is known: MI = H = log E
+    assert st_chained["interlayer_mi_shuffled"] < 0.02
+    assert abs(st_independent["interlayer_mi"] - st_independent["interlayer_mi_shuffled"]) < 0.01
+    skewed = RoutingTrace(np.array([[[0]], [[0]], [[0]], [[1]]]), 2)  # loads 3 and 1: hottest / mean = 1.5
+    assert skewed.stats()["hot_ratio"] == 1.5 and skewed.stats()["hot_ratio_max"] == 1.5

@@ -158,6 +158,12 @@ def _run(args: argparse.Namespace) -> int:
             f"recorded {trace.num_tokens} tokens x {trace.num_layers} MoE layers x top-{trace.top_k} "
             f"of {trace.num_experts} experts -> {path}"
         )
+        stats = trace.stats()
+        print(
+            f"hottest expert / mean: {stats['hot_ratio']:.2f} (worst layer {stats['hot_ratio_max']:.2f}); "
+            f"inter-layer mutual information {stats['interlayer_mi']:.4f} nats "
+            f"(independent layers would read {stats['interlayer_mi_shuffled']:.4f})"
+        )
         return 0
     if cmd == "place":
         trace = load_trace(args.trace)

@@ -100,6 +100,31 @@ class RoutingTrace:
             self._transitions = out
         return self._transitions
 
+    def stats(self, seed: int = 0) -> dict[str, float]:
+        """How much structure a placement can exploit: popularity skew and inter-layer dependence.
+
+        - `hot_ratio`, `hot_ratio_max`: the hottest expert's load over the mean expert's load, mean and
+          max over layers (1 = uniform; what balance-only placement has to even out);
+        - `interlayer_mi`: mutual information (nats) between the layer-l and layer-(l+1) experts of a
+          token's expert pairs (from R), mean over transitions: 0 means consecutive layers are independent
+          and there is nothing for MoETuner's second ILP to line up;
+        - `interlayer_mi_shuffled`: the same after shuffling each layer's tokens (independent layers,
+          same loads, same token count): the plug-in estimate's small-sample bias. Only the excess of
+          `interlayer_mi` over it is structure.
+        """
+        rng = np.random.default_rng(seed)
+        shuffled = np.stack([self.topk[rng.permutation(self.num_tokens), l] for l in range(self.num_layers)], 1)
+        share = self.load / np.maximum(self.load.mean(axis=0, keepdims=True), 1e-12)
+        return {
+            "tokens": float(self.num_tokens),
+            "hot_ratio": round(float(share.max(axis=0).mean()), 4),
+            "hot_ratio_max": round(float(share.max()), 4),
+            "interlayer_mi": round(_mean_mutual_information(self.transitions), 5),
+            "interlayer_mi_shuffled": round(
+                _mean_mutual_information(RoutingTrace(shuffled, self.num_experts).transitions), 5
+            ),
+        }
+
     def select(self, tokens: slice | np.ndarray) -> RoutingTrace:
         """The sub-trace of some tokens (e.g. a calibration split)."""
         return RoutingTrace(self.topk[tokens], self.num_experts, self.layer_ids, self.source)
@@ -175,6 +200,21 @@ class RoutingTrace:
             ids = ids.transpose(1, 0, 2)
             parts.append(ids[(ids >= 0).any(axis=(1, 2))])
         return cls(np.concatenate(parts).astype(np.int64), num_experts, source=source)
+
+
+def _mean_mutual_information(transitions: np.ndarray) -> float:
+    """Mean over layer transitions of the mutual information (nats) of the joint counts R[:, :, l]."""
+    values = []
+    for l in range(transitions.shape[2]):
+        joint = transitions[:, :, l]
+        total = joint.sum()
+        if total <= 0:
+            continue
+        joint = joint / total
+        outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
+        nz = joint > 0
+        values.append(float((joint[nz] * np.log(joint[nz] / outer[nz])).sum()))
+    return float(np.mean(values)) if values else 0.0
 
 
 class RoutingRecorder:
@@ -266,8 +306,14 @@ def synthetic_trace(
     affinity: float = 0.5,
     concentration: float = 0.3,
     seed: int = 0,
+    sample_seed: int | None = None,
 ) -> RoutingTrace:
     """A routing trace with tunable expert-popularity skew and inter-layer affinity.
+
+    `seed` draws the model (popularities, preferred successors) and, by default, the tokens too.
+    With `sample_seed`, the tokens come from their own generator: traces with the same `seed` and
+    different `sample_seed`s are independent samples of one workload (fit a placement on one,
+    evaluate it on another).
 
     The model (documented in docs/moe.md, fixed before any benchmark was run):
     - popularity: in each layer expert popularity follows a Zipf law, p(rank r) ~ 1 / r**skew, over a
@@ -291,6 +337,7 @@ def synthetic_trace(
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     rng = np.random.default_rng(seed)
+    draw = rng if sample_seed is None else np.random.default_rng([sample_seed, seed])
     E, L, T = num_experts, num_layers, num_tokens
     skew = zipf_exponent(E, HOT_RATIO) if skew is None else skew
     zipf = 1.0 / np.arange(1, E + 1) ** skew
@@ -298,7 +345,7 @@ def synthetic_trace(
     popularity /= popularity.sum(axis=1, keepdims=True)
 
     def pick(logp: np.ndarray) -> np.ndarray:  # Gumbel-top-k = sampling k without replacement
-        u = rng.random(logp.shape, dtype=np.float32)
+        u = draw.random(logp.shape, dtype=np.float32)
         keys = logp.astype(np.float32) - np.log(-np.log(np.maximum(u, np.float32(1e-30))))
         return np.argpartition(-keys, top_k - 1, axis=1)[:, :top_k]
 
@@ -312,7 +359,9 @@ def synthetic_trace(
         topk[:, l + 1] = pick(np.log(np.maximum(mix, 1e-300)))
     source = (
         f"synthetic(E={E}, L={L}, k={top_k}, T={T}, skew={skew:g}, affinity={affinity}, "
-        f"concentration={concentration}, seed={seed})"
+        f"concentration={concentration}, seed={seed}"
+        + ("" if sample_seed is None else f", sample_seed={sample_seed}")
+        + ")"
     )
     return RoutingTrace(topk, E, None, source)
 
