@@ -29,18 +29,19 @@ step() {  # step NAME SECONDS LOG CMD...: time-limited, output appended to LOG a
 
 "$PY" -m llmsys.cli info --json >"$OUT/info.json" 2>>"$OUT/tests.log" || failed+=("info")
 cat "$OUT/info.json"
-# 1. GPU-marked tests: compiled Triton kernels and CUDA cache paths (TRITON_INTERPRET must be unset).
-step gpu-tests 90 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# 1. GPU-marked tests: compiled Triton kernels, CUDA cache paths, expert parallelism over NCCL (one
+#    rank per GPU) and the serving engine on CUDA (TRITON_INTERPRET must be unset).
+step gpu-tests 110 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # 2. The CPU suites of the shared layers on this machine's torch/transformers (the lent machines have
 #    torch 2.11 and transformers 5.17: the lower end of the supported range), kernels in the interpreter.
-step cpu-suites 50 "$OUT/tests.log" env TRITON_INTERPRET=1 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider \
+step cpu-suites 40 "$OUT/tests.log" env TRITON_INTERPRET=1 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider \
   -n 8 tests/models tests/cache tests/kernels
 # 3. Benchmarks with a GPU part.
 RES="$OUT/results"
 mkdir -p "$RES"
 step kernels-bench 45 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" benchmarks/kernels.py --out "$RES"
 step serve-profile 45 "$OUT/tests.log" "$PY" -m llmsys.serve.cli serve profile --out "$RES/serve_profile.json"
-step serve-bench 75 "$OUT/tests.log" "$PY" benchmarks/serve.py --quick --skip-cpu --profile "$RES/serve_profile.json" \
+step serve-bench 65 "$OUT/tests.log" "$PY" benchmarks/serve.py --quick --skip-cpu --profile "$RES/serve_profile.json" \
   --out "$RES"
 step filter-bench 75 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" benchmarks/filter.py --parts speed \
   --out "$RES/filter.json"

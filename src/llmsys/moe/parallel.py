@@ -383,17 +383,20 @@ class EPCheck:
         return self.bytes_match and self.memory_match and self.max_abs_diff <= atol and self.reentry_diff <= atol
 
 
-def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[str, Any]]:
+def _check_worker(rank: int, world_size: int, cases: list[EPCase], device_type: str) -> list[dict[str, Any]]:
     from llmsys.models import NotHeldExpertError, forward
     from llmsys.moe.evaluate import default_homes, predict_ep_bytes
     from llmsys.moe.trace import RoutingRecorder
     from llmsys.testing import tiny_model
 
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one GPU per rank, as NCCL requires
     out = []
     for case in cases:
         read = None
         if case.checkpoint is None:
-            model = tiny_model(case.family, seed=case.seed, **case.config)
+            model = tiny_model(case.family, seed=case.seed, **case.config).to(device)
             reference_model = model
         else:  # the single-process reference loads whole; the EP model only this rank's experts
             from transformers import AutoModelForCausalLM
@@ -401,10 +404,16 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
             from llmsys.moe.load import load_expert_parallel
 
             reference_model = AutoModelForCausalLM.from_pretrained(case.checkpoint, attn_implementation="eager")
+            reference_model.to(device)
             model, read = load_expert_parallel(
-                case.checkpoint, case.placement, rank, attn_implementation="eager", output_loading_info=True
+                case.checkpoint,
+                case.placement,
+                rank,
+                device=device,
+                attn_implementation="eager",
+                output_loading_info=True,
             )
-        ids = case.input_ids
+        ids = case.input_ids.to(device)
         B = ids.shape[0]
         if B % world_size:
             raise ValueError(f"batch of {B} sequences cannot be split over {world_size} ranks")
@@ -454,10 +463,18 @@ def _check_worker(rank: int, world_size: int, cases: list[EPCase]) -> list[dict[
     return out
 
 
-def check_expert_parallel(cases: list[EPCase], world_size: int) -> list[EPCheck]:
-    """Run every case on `world_size` CPU processes (gloo) and compare with the single-process model
-    (logits, bytes sent, expert bytes held per rank)."""
-    results = launch(_check_worker, world_size, cases)
+def check_expert_parallel(
+    cases: list[EPCase], world_size: int, backend: str = "gloo", device: str = "cpu"
+) -> list[EPCheck]:
+    """Run every case on `world_size` processes and compare with the single-process model (logits,
+    bytes sent, expert bytes held per rank). Default: CPU processes joined by gloo; `backend="nccl",
+    device="cuda"` puts rank r on GPU r (needs `world_size` GPUs)."""
+    if device == "cuda" and world_size > torch.cuda.device_count():
+        raise RuntimeError(
+            f"{world_size} ranks need {world_size} GPUs (one per rank), this machine has "
+            f"{torch.cuda.device_count()}: use fewer ranks, or device='cpu' with backend='gloo'"
+        )
+    results = launch(_check_worker, world_size, cases, device, backend=backend)
     checks = []
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
