@@ -141,13 +141,18 @@ def exact_bounds(trace: RoutingTrace, gpus: int, unbounded: bool) -> dict[str, A
     return out
 
 
+def _exact_fits(trace: RoutingTrace, gpus: int) -> bool:
+    """Whether the exact DP can solve this shape (E/G experts per GPU, few enough assignments per layer)."""
+    return trace.num_experts % gpus == 0 and num_assignments(trace.num_experts, gpus) <= MAX_STATES
+
+
 def held_out(fit: RoutingTrace, test: RoutingTrace, gpus: int, time_limit: float) -> dict[str, Any]:
     """Placements solved on `fit` (greedy, MoETuner, the exact optimum where the shape allows it),
     evaluated on `fit` itself and on `test`, another sample of the workload."""
     topo = _topology(gpus)
     greedy = EPLBGreedy(topo)(fit)
     placements = {"eplb_greedy": greedy, "moetuner": MoETuner(topo, time_limit=time_limit)(fit)}
-    if fit.num_experts % gpus == 0 and num_assignments(fit.num_experts, gpus) <= MAX_STATES:
+    if _exact_fits(fit, gpus):
         bound = evaluate(greedy, fit, ep_homes=False).max_mean_per_layer + 0.05
         placements["exact_load_within_0.05"] = exact_placement(fit, topo, max_load=bound)
     out: dict[str, Any] = {"fit": fit.source, "test": test.source, "fit_stats": fit.stats(),
@@ -177,14 +182,13 @@ def trace_mode(args: argparse.Namespace, out: Path) -> int:
     """The comparison on a user's trace (--trace, optionally --test-trace) -> moe_trace.json."""
     start = time.perf_counter()
     fit = RoutingTrace.from_file(args.trace)
-    stats = {"fit": fit.stats()}
     print(f"trace {args.trace}: {fit.num_tokens} tokens x {fit.num_layers} layers x top-{fit.top_k} of "
-          f"{fit.num_experts} experts; {stats['fit']}")  # fmt: skip
+          f"{fit.num_experts} experts; {fit.stats()}")  # fmt: skip
     case = run_case("trace", fit, args.gpus, args.time_limit, None, out, paper_variant=True)
     print_table([{**row, "case": "trace", "solver": name} for name, row in case["solvers"].items()], COLUMNS)
     payload: dict[str, Any] = {"benchmark": "moe_trace", "machine": machine_info(), "trace": str(args.trace),
                                "case": case}  # fmt: skip
-    if fit.num_experts % args.gpus == 0 and num_assignments(fit.num_experts, args.gpus) <= MAX_STATES:
+    if _exact_fits(fit, args.gpus):
         payload["exact_optimum"] = exact_bounds(fit, args.gpus, unbounded=True)
         print_exact({"trace": payload["exact_optimum"]})
     if args.test_trace:

@@ -203,3 +203,14 @@ def test_stats_read_skew_and_inter_layer_dependence():
     assert abs(st_independent["interlayer_mi"] - st_independent["interlayer_mi_shuffled"]) < 0.01
     skewed = RoutingTrace(np.array([[[0]], [[0]], [[0]], [[1]]]), 2)  # loads 3 and 1: hottest / mean = 1.5
     assert skewed.stats()["hot_ratio"] == 1.5 and skewed.stats()["hot_ratio_max"] == 1.5
+
+
+def test_from_file_names_the_fix_for_files_that_are_not_traces(tmp_path):
+    np.save(tmp_path / "routed.npy", np.zeros((3, 2, 2), dtype=np.int64))  # a raw engine dump
+    with pytest.raises(TraceError, match="from_vllm"):
+        RoutingTrace.from_file(tmp_path / "routed.npy")
+    (tmp_path / "junk.npz").write_bytes(b"not a numpy file at all")
+    with pytest.raises(TraceError, match="not a RoutingTrace file"):
+        RoutingTrace.from_file(tmp_path / "junk.npz")
+    with pytest.raises(FileNotFoundError):
+        RoutingTrace.from_file(tmp_path / "missing.npz")

@@ -155,7 +155,18 @@ class RoutingTrace:
     @classmethod
     def from_file(cls, path: str | Path) -> RoutingTrace:
         """Read a trace written by `save`."""
-        with np.load(Path(path), allow_pickle=False) as data:
+        try:
+            data = np.load(Path(path), allow_pickle=False)
+        except (ValueError, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise TraceError(f"{path} is not a RoutingTrace file (a .npz written by RoutingTrace.save): {err}") from err
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise TraceError(
+                f"{path} holds a single array, not a RoutingTrace .npz: import engine dumps with "
+                "RoutingTrace.from_vllm(np.load(path), num_experts) or `llmsys moe record --from-vllm`"
+            )
+        with data:
             if "topk" not in data or "meta" not in data:
                 raise TraceError(f"{path} is not a RoutingTrace file (expected arrays 'topk' and 'meta')")
             meta = json.loads(str(data["meta"]))
