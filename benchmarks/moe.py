@@ -15,7 +15,10 @@
    `--exact-only` runs just this part (and the affinity sweep's exact rows) into moe_exact.json.
 6. held out: greedy, MoETuner and the exact optimum solved on one sample of the Mixtral workload and
    evaluated on another sample of the same synthetic model (a placement is deployed on traffic it
-   was not fitted to).
+   was not fitted to);
+7. unequal clusters at Mixtral / 4 GPUs: MoETuner with the paper's "no empty cluster" ILP 1
+   (`equal_per_gpu=False`, engines need padding) against the greedy and against longest-processing-
+   time packing without a per-GPU expert count (the balance such freedom buys with no affinity).
 
     python benchmarks/moe.py --trace fit.npz [--test-trace test.npz] [--gpus 4] [--time-limit 30]
 
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +52,7 @@ from llmsys.moe import (  # noqa: E402
     EPLBGreedy,
     Hardware,
     MoETuner,
+    Placement,
     RoundRobin,
     RoutingRecorder,
     RoutingTrace,
@@ -202,6 +207,50 @@ def trace_mode(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def lpt_unequal(trace: RoutingTrace, topo: Topology) -> Placement:
+    """Per layer, each expert (hottest first) onto the least-loaded GPU, any number per GPU: the best
+    balance-only packing when GPUs may hold unequal expert counts (slots padded with -1)."""
+    G, (E, L) = topo.num_gpus, trace.load.shape
+    owner = np.zeros((L, E), dtype=np.int64)
+    for l in range(L):
+        gpu_load = np.zeros(G)
+        for e in np.argsort(-trace.load[:, l], kind="stable"):
+            owner[l, e] = int(np.argmin(gpu_load))
+            gpu_load[owner[l, e]] += trace.load[e, l]
+    per_gpu = max(int(np.bincount(row, minlength=G).max()) for row in owner)
+    phy2log = np.full((L, G * per_gpu), -1, dtype=np.int64)
+    for l in range(L):
+        for g in range(G):
+            experts = np.flatnonzero(owner[l] == g)
+            phy2log[l, g * per_gpu : g * per_gpu + experts.size] = experts
+    return Placement(phy2log, E, topo, {"solver": "lpt_unequal"})
+
+
+def unequal_part(trace: RoutingTrace, gpus: int, time_limit: float) -> dict[str, Any]:
+    """Part 7: MoETuner with unequal clusters (the paper's ILP 1) vs the greedy and unequal LPT packing."""
+    topo = _topology(gpus)
+    placements = {
+        "eplb_greedy": EPLBGreedy(topo)(trace),
+        "lpt_unequal": lpt_unequal(trace, topo),
+        "moetuner": MoETuner(topo, time_limit=time_limit)(trace),
+        "moetuner_unequal": MoETuner(topo, equal_per_gpu=False, time_limit=time_limit)(trace),
+    }
+    reports = {name: evaluate(p, trace, ep_homes=False) for name, p in placements.items()}
+    base, lpt = reports["eplb_greedy"], reports["lpt_unequal"]
+    return {
+        name: {
+            "max_mean_load": round(r.max_mean_load, 4),
+            "max_pair_traffic": round(r.max_pair_traffic, 2),
+            "vs_greedy": round(r.max_pair_traffic / base.max_pair_traffic - 1, 4),
+            "vs_lpt_unequal": round(r.max_pair_traffic / lpt.max_pair_traffic - 1, 4),
+            "load_minus_greedy": round(r.max_mean_load - base.max_mean_load, 4),
+            "slots_per_gpu": placements[name].slots_per_gpu,
+            "mip_gap": placements[name].meta.get("mip_gap"),
+        }
+        for name, r in reports.items()
+    }
+
+
 def exact_part(q: bool) -> dict[str, Any]:
     """Part 5: the exact optimum at Mixtral / 4 GPUs, on the main trace and on the affinity sweep's."""
     result = {"mixtral_4gpu": exact_bounds(synthetic_shape_trace("mixtral", 8192, seed=0), 4, unbounded=not q)}
@@ -354,6 +403,11 @@ def main() -> int:
         12.0 if q else 60.0,
     )
 
+    print("== unequal clusters (the paper's ILP 1), Mixtral shape, 4 GPUs")
+    # ILP 2 with unequal clusters starts without a feasible warm start (memory balance over layers):
+    # 12 s leaves it ~4 s, too little to find one; 40 s does
+    unequal = unequal_part(traces["mixtral"], 4, 40.0 if q else 60.0)
+
     # goals of the issue, evaluated on the numbers above
     goals: dict[str, Any] = {}
     for name in ("mixtral_4gpu", "mixtral_8gpu"):
@@ -371,6 +425,8 @@ def main() -> int:
     goals["qwen3_moe_16gpu_within_60s"] = bool(q16["solvers"]["moetuner"]["solve_seconds"] <= 60.0)
     goals["mixtral_4gpu_best_possible_cut_vs_greedy"] = -exact["mixtral_4gpu"]["load_within_0.05"]["vs_greedy"]
     goals["mixtral_4gpu_held_out_cut_vs_greedy"] = -held["on_test"]["moetuner"]["vs_greedy"]
+    goals["mixtral_4gpu_unequal_cut_vs_greedy"] = -unequal["moetuner_unequal"]["vs_greedy"]
+    goals["mixtral_4gpu_unequal_load_minus_greedy"] = unequal["moetuner_unequal"]["load_minus_greedy"]
     goals["ep_bytes_match_prediction"] = all(r["bytes_match"] for r in ep)
     goals["ep_max_abs_diff"] = max(r["max_abs_diff"] for r in ep)
 
@@ -394,6 +450,8 @@ def main() -> int:
     print_table(ep, ["world_size", "family", "placement", "max_abs_diff", "bytes_match", "measured_total_bytes"])
     print_exact(exact)
     print_held_out(held)
+    unequal_columns = ["solver", "max_mean_load", "max_pair_traffic", "vs_greedy", "vs_lpt_unequal", "slots_per_gpu"]
+    print_table([{"solver": name, **row} for name, row in unequal.items()], unequal_columns)
     for key, value in goals.items():
         print(f"{key:40s} {value}")
 
@@ -448,6 +506,7 @@ def main() -> int:
         "expert_parallel": ep,
         "exact_optimum": exact,
         "held_out": held,
+        "unequal_clusters": unequal,
         "goals": goals,
     }
     path = write_json(out / "moe.json", payload)

@@ -36,3 +36,21 @@ def test_test_trace_alone_is_refused(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--test-trace", "x.npz", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "--test-trace needs --trace" in done.stderr
+
+
+def test_lpt_unequal_packs_every_expert_once_and_balances_at_least_as_well_as_the_greedy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_benchmark", ROOT / "benchmarks" / "moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from llmsys.moe import EPLBGreedy, Topology, evaluate
+
+    trace = synthetic_trace(8, 5, 2, 1000, seed=0)
+    topo = Topology.make(4)
+    placement = bench.lpt_unequal(trace, topo)
+    for row in placement.phy2log:
+        assert sorted(e for e in row.tolist() if e >= 0) == list(range(8))  # each expert exactly once
+    lpt = evaluate(placement, trace, ep_homes=False)
+    greedy = evaluate(EPLBGreedy(topo)(trace), trace, ep_homes=False)
+    assert lpt.max_mean_load <= greedy.max_mean_load + 1e-9
