@@ -24,8 +24,10 @@ def test_benchmark_on_a_users_trace_with_a_held_out_sample(tmp_path):
     assert (tmp_path / "out" / "moe_trace.png").exists()
     solvers = result["case"]["solvers"]
     assert {"contiguous", "round_robin", "eplb_greedy", "moetuner", "moetuner_2ilp"} <= set(solvers)
+    # the unbounded optimum over every 2-experts-per-GPU placement: nothing of that kind beats it
+    assert result["exact_optimum"]["no_load_bound"]["max_pair_traffic"] <= solvers["moetuner"]["max_pair_traffic"]
     exact = result["exact_optimum"]["load_within_0.05"]["max_pair_traffic"]
-    assert exact <= solvers["moetuner"]["max_pair_traffic"] + 1e-6  # nothing beats the exact optimum
+    assert result["exact_optimum"]["no_load_bound"]["max_pair_traffic"] <= exact
     held = result["held_out"]
     assert set(held["on_test"]) == {"eplb_greedy", "moetuner", "exact_load_within_0.05"}
     assert held["on_fit"]["exact_load_within_0.05"]["max_pair_traffic"] == exact
