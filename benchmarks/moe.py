@@ -404,9 +404,7 @@ def main() -> int:
     )
 
     print("== unequal clusters (the paper's ILP 1), Mixtral shape, 4 GPUs")
-    # ILP 2 with unequal clusters starts without a feasible warm start (memory balance over layers):
-    # 12 s leaves it ~4 s, too little to find one; 40 s does
-    unequal = unequal_part(traces["mixtral"], 4, 40.0 if q else 60.0)
+    unequal = unequal_part(traces["mixtral"], 4, 12.0 if q else 60.0)
 
     # goals of the issue, evaluated on the numbers above
     goals: dict[str, Any] = {}

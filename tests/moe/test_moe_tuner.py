@@ -28,6 +28,7 @@ from llmsys.moe.moetuner import (
     ilp_mapping,
     mapping_objective,
     mapping_swaps,
+    memory_repair,
     refine_layer_ilp,
     refine_swaps,
 )
@@ -195,6 +196,33 @@ def test_moetuner_unequal_placement_balances_memory():
     per_gpu = p.experts_per_gpu()
     assert per_gpu.min() >= 1
     assert per_gpu.sum(axis=0).max() - per_gpu.sum(axis=0).min() <= 1  # 32 experts: 11 / 11 / 10
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_memory_repair_makes_the_mapping_memory_feasible(seed):
+    rng = np.random.default_rng(seed)
+    L, G = 12, 4
+    sizes = np.array([rng.permutation([1, 2, 2, 3]) for _ in range(L)])  # 8 experts per layer, unequal
+    C = rng.random((L - 1, G, G))
+    W = Topology.make(G).cost
+    perm = np.array([rng.permutation(G) for _ in range(L)])
+    repaired = memory_repair(C, perm, W, sizes)
+    assert repaired is not None
+    held = np.zeros(G)
+    for l in range(L):
+        np.add.at(held, repaired[l], sizes[l])
+        assert sorted(repaired[l].tolist()) == list(range(G))  # still one cluster per GPU per layer
+    assert held.max() - held.min() <= 1 and held.sum() == sizes.sum()
+
+
+def test_moetuner_unequal_with_a_short_time_limit_starts_from_a_feasible_mapping():
+    # ILP 2 drops a warm start that breaks the memory balance; with the repaired one it has an
+    # incumbent from the start, so a short limit still returns a memory-balanced placement
+    trace = synthetic_trace(8, 12, 2, 2000, seed=0)
+    p = MoETuner(4, equal_per_gpu=False, time_limit=3)(trace)
+    assert p.meta["stage2"]["warm_start_memory_feasible"]
+    per_gpu = p.experts_per_gpu().sum(axis=0)
+    assert per_gpu.max() == per_gpu.min() == 8 * 12 // 4
 
 
 def test_moetuner_errors_name_the_fix():

@@ -295,6 +295,48 @@ def mapping_swaps(C: np.ndarray, perm: np.ndarray, W: np.ndarray, deadline: floa
     return perm
 
 
+def memory_repair(C: np.ndarray, perm: np.ndarray, W: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    """Make a cluster -> GPU mapping meet ILP 2's memory constraint for unequal clusters (every GPU holds
+    floor or ceil of E * L / G experts summed over layers): repeatedly swap the GPUs of two clusters of
+    one layer, taking the swap that evens the memory most and, among those, costs the least traffic.
+    The traffic heuristics ignore memory, so this turns their answer into a feasible warm start.
+    Returns None when no swap evens the memory further (the ILP then starts without a warm start)."""
+    perm = perm.copy()
+    L, G = perm.shape
+    total = sizes.sum() / G
+    lo, hi = math.floor(total), math.ceil(total)
+
+    def excess(held: np.ndarray) -> float:
+        return float(np.maximum(held - hi, 0).sum() + np.maximum(lo - held, 0).sum())
+
+    held = np.zeros(G)
+    for l in range(L):
+        np.add.at(held, perm[l], sizes[l])
+    pairs = [(a, b) for a in range(G) for b in range(a + 1, G)]
+    while excess(held) > 0:
+        best: tuple[tuple[float, float], np.ndarray, np.ndarray] | None = None
+        for l in range(L):
+            for a, b in pairs:
+                moved = sizes[l, a] - sizes[l, b]
+                if moved == 0:
+                    continue
+                after = held.copy()
+                after[perm[l, a]] -= moved
+                after[perm[l, b]] += moved
+                gain = excess(held) - excess(after)
+                if gain <= 0:
+                    continue
+                swapped = perm.copy()
+                swapped[l, a], swapped[l, b] = perm[l, b], perm[l, a]
+                key = (-gain, mapping_objective(C, swapped, W))
+                if best is None or key < best[0]:
+                    best = (key, swapped, after)
+        if best is None:
+            return None
+        _, perm, held = best
+    return perm
+
+
 def ilp_mapping(
     C: np.ndarray,
     W: np.ndarray,
@@ -729,6 +771,11 @@ class MoETuner:
             )
         stage2: dict[str, Any] = {"method": "ilp" if use_ilp2 else "heuristic"}
         if use_ilp2:
+            warm = perm
+            if not (sizes == sizes.flat[0]).all():  # unequal clusters: give HiGHS a memory-feasible start
+                repaired = memory_repair(C, perm, W, sizes)
+                stage2["warm_start_memory_feasible"] = repaired is not None
+                warm = perm if repaired is None else repaired
             left = max(stage2_deadline - time.perf_counter(), 1.0)
             perm, res = ilp_mapping(
                 C,
@@ -737,7 +784,7 @@ class MoETuner:
                 topology=topo,
                 time_limit=left,
                 mip_rel_gap=self.mip_rel_gap,
-                warm=perm,
+                warm=warm,
                 backend=self.backend,
             )
             stage2.update(status=res.status, mip_gap=res.gap, backend=res.backend, bound=res.bound)
