@@ -208,8 +208,9 @@ def trace_mode(args: argparse.Namespace, out: Path) -> int:
 
 
 def lpt_unequal(trace: RoutingTrace, topo: Topology) -> Placement:
-    """Per layer, each expert (hottest first) onto the least-loaded GPU, any number per GPU: the best
-    balance-only packing when GPUs may hold unequal expert counts (slots padded with -1)."""
+    """Per layer, each expert (hottest first) onto the least-loaded GPU, any number per GPU: longest-
+    processing-time packing, a balance-only yardstick when GPUs may hold unequal expert counts (slots
+    padded with -1). It ignores routing and the memory balance over layers."""
     G, (E, L) = topo.num_gpus, trace.load.shape
     owner = np.zeros((L, E), dtype=np.int64)
     for l in range(L):
