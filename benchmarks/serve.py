@@ -104,6 +104,16 @@ def run_length(args) -> tuple[float, int, int]:
     return (20.0, 200, 5) if args.quick else (60.0, 400, 7)
 
 
+def goals(nexus: dict, chunked: dict) -> dict[str, bool]:
+    """The issue's three goals from each scheduler's P99 TTFT and TBT at chunked prefill's max rate and
+    its own max rate under the SLO (`ttft_p99`, `tbt_p99`, `max_rate_under_slo`)."""
+    return {
+        "nexus_lower_ttft_p99_at_chunked_max_rate": nexus["ttft_p99"] < chunked["ttft_p99"],
+        "nexus_lower_tbt_p99_at_chunked_max_rate": nexus["tbt_p99"] < chunked["tbt_p99"],
+        "nexus_higher_max_rate_under_slo": nexus["max_rate_under_slo"] > chunked["max_rate_under_slo"],
+    }
+
+
 def sweep(dataset: str, cost: CostModel, args, label: str = "", max_num_seqs: int | None = None) -> dict:
     """Max rate under the SLO and a rate grid around chunked prefill's, every scheduler. `max_num_seqs`
     None: vLLM's default for the profile's device (1024 on the H100-shaped default)."""
@@ -128,12 +138,6 @@ def sweep(dataset: str, cost: CostModel, args, label: str = "", max_num_seqs: in
             "tbt_p50": at_ref["tbt_p50"],
             "points": points,
         }
-    n, c = schedulers["nexus"], schedulers["chunked"]
-    goals = {
-        "nexus_lower_ttft_p99_at_chunked_max_rate": n["ttft_p99"] < c["ttft_p99"],
-        "nexus_lower_tbt_p99_at_chunked_max_rate": n["tbt_p99"] < c["tbt_p99"],
-        "nexus_higher_max_rate_under_slo": n["max_rate_under_slo"] > c["max_rate_under_slo"],
-    }
     log.info("%s%s sweep: %.0f s", dataset, label, time.perf_counter() - t0)
     return {
         "dataset": dataset,
@@ -143,7 +147,7 @@ def sweep(dataset: str, cost: CostModel, args, label: str = "", max_num_seqs: in
         "max_num_seqs": seqs,
         "reference_rate": ref,
         "schedulers": schedulers,
-        "goals": goals,
+        "goals": goals(schedulers["nexus"], schedulers["chunked"]),
     }
 
 
@@ -165,11 +169,7 @@ def seed_study(dataset: str, cost: CostModel, args, seeds: list[int]) -> dict:
         for n in rates:
             row.update({f"{n}_max_rate": rates[n], f"{n}_ttft_p99": at[n]["ttft_p99"],
                         f"{n}_tbt_p99": at[n]["tbt_p99"]})
-        row["goals"] = {
-            "lower_ttft_p99": row["nexus_ttft_p99"] < row["chunked_ttft_p99"],
-            "lower_tbt_p99": row["nexus_tbt_p99"] < row["chunked_tbt_p99"],
-            "higher_max_rate": row["nexus_max_rate"] > row["chunked_max_rate"],
-        }
+        row["goals"] = goals(*({**at[n], "max_rate_under_slo": rates[n]} for n in ("nexus", "chunked")))
         rows.append(row)
         log.info("%s seed %d: %s (%.0f s)", dataset, seed, row["goals"], time.perf_counter() - t0)
     met = {g: sum(r["goals"][g] for r in rows) for g in rows[0]["goals"]}
@@ -374,9 +374,15 @@ def main(argv=None) -> int:
         for item in args.profile_set:
             field, _, value = item.partition("=")
             current = getattr(profiles["default"], field, None)
-            if not isinstance(current, (int, float)) or not value:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if not isinstance(current, (int, float)) or number is None:
                 parser.error(f"--profile-set {item!r}: expected FIELD=VALUE with a numeric Profile field")
-            changes[field] = type(current)(float(value))
+            if isinstance(current, int) and not number.is_integer():
+                parser.error(f"--profile-set {item!r}: {field} is an integer field")
+            changes[field] = type(current)(number)
         profiles["default"] = replace(profiles["default"], **changes)
     if args.profile:
         profiles["measured"] = Profile.load(args.profile).with_model(ModelShape.llama3_8b())
