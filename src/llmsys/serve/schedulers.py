@@ -248,8 +248,7 @@ class Nexus(Scheduler):
             raise SchedulerConfigError(f"SLOs must be > 0, got ttft_slo={self.ttft_slo}, tbt_slo={self.tbt_slo}")
         if self.prefill_budget < 1:
             raise SchedulerConfigError(f"prefill_budget must be >= 1, got {self.prefill_budget}")
-        idle = self.tbt_floor if self.tbt_floor_idle is None else self.tbt_floor_idle
-        if not (0 < self.tbt_floor <= idle <= self.tbt_headroom <= 1 and 0 < self.ttft_headroom <= 1):
+        if not (0 < self.tbt_floor <= self.idle_floor <= self.tbt_headroom <= 1 and 0 < self.ttft_headroom <= 1):
             raise SchedulerConfigError(
                 "need 0 < tbt_floor <= tbt_floor_idle <= tbt_headroom <= 1 and 0 < ttft_headroom <= 1, got "
                 f"{self.tbt_floor}, {self.tbt_floor_idle}, {self.tbt_headroom}, {self.ttft_headroom}"
@@ -321,6 +320,11 @@ class Nexus(Scheduler):
             left -= n
         return out
 
+    @property
+    def idle_floor(self) -> float:
+        """The decode floor of an idle server (`tbt_floor_idle`; the fixed `tbt_floor` when that is None)."""
+        return self.tbt_floor if self.tbt_floor_idle is None else self.tbt_floor_idle
+
     def load(self, state: SchedulerState) -> float:
         """The server's load in [0, 1]: the larger of the shares of sequence seats and of KV pages that
         admitted requests hold, mapped linearly from `load_range[0]` (0) to `load_range[1]` (1)."""
@@ -334,7 +338,7 @@ class Nexus(Scheduler):
         target is relaxed toward `tbt_headroom` as the prefill queue's TTFT pressure grows."""
         pressure = (oldest_wait + prefill_latency) / (self.ttft_headroom * self.ttft_slo)
         pressure = min(1.0, max(0.0, pressure))
-        idle = self.tbt_floor if self.tbt_floor_idle is None else self.tbt_floor_idle
+        idle = self.idle_floor
         floor = idle - (idle - self.tbt_floor) * min(1.0, max(0.0, load))
         return self.tbt_slo * (floor + (self.tbt_headroom - floor) * pressure)
 
