@@ -227,29 +227,28 @@ def lpt_unequal(trace: RoutingTrace, topo: Topology) -> Placement:
     return Placement(phy2log, E, topo, {"solver": "lpt_unequal"})
 
 
-def unequal_part(trace: RoutingTrace, gpus: int, time_limit: float) -> dict[str, Any]:
-    """Part 7: MoETuner with unequal clusters (the paper's ILP 1) vs the greedy and unequal LPT packing."""
+def unequal_part(trace: RoutingTrace, gpus: int, time_limit: float, equal: dict[str, Any]) -> dict[str, Any]:
+    """Part 7: MoETuner with unequal clusters (the paper's ILP 1) vs the greedy and unequal LPT packing;
+    `equal` is part 2's row of the equal-count MoETuner on the same trace (not solved again)."""
     topo = _topology(gpus)
     placements = {
         "eplb_greedy": EPLBGreedy(topo)(trace),
         "lpt_unequal": lpt_unequal(trace, topo),
-        "moetuner": MoETuner(topo, time_limit=time_limit)(trace),
         "moetuner_unequal": MoETuner(topo, equal_per_gpu=False, time_limit=time_limit)(trace),
     }
-    reports = {name: evaluate(p, trace, ep_homes=False) for name, p in placements.items()}
-    base, lpt = reports["eplb_greedy"], reports["lpt_unequal"]
-    return {
-        name: {
-            "max_mean_load": round(r.max_mean_load, 4),
-            "max_pair_traffic": round(r.max_pair_traffic, 2),
-            "vs_greedy": round(r.max_pair_traffic / base.max_pair_traffic - 1, 4),
-            "vs_lpt_unequal": round(r.max_pair_traffic / lpt.max_pair_traffic - 1, 4),
-            "load_minus_greedy": round(r.max_mean_load - base.max_mean_load, 4),
-            "slots_per_gpu": placements[name].slots_per_gpu,
-            "mip_gap": placements[name].meta.get("mip_gap"),
-        }
-        for name, r in reports.items()
-    }
+    rows = {}
+    for name, placement in placements.items():
+        r = evaluate(placement, trace, ep_homes=False)
+        rows[name] = {"max_mean_load": round(r.max_mean_load, 4), "max_pair_traffic": round(r.max_pair_traffic, 2),
+                      "slots_per_gpu": placement.slots_per_gpu, "mip_gap": placement.meta.get("mip_gap")}  # fmt: skip
+    rows["moetuner"] = {"max_mean_load": equal["max_mean_load"], "max_pair_traffic": equal["max_pair_traffic"],
+                        "slots_per_gpu": trace.num_experts // gpus, "mip_gap": equal.get("mip_gap")}  # fmt: skip
+    base, lpt = rows["eplb_greedy"], rows["lpt_unequal"]
+    for row in rows.values():
+        row["vs_greedy"] = round(row["max_pair_traffic"] / base["max_pair_traffic"] - 1, 4)
+        row["vs_lpt_unequal"] = round(row["max_pair_traffic"] / lpt["max_pair_traffic"] - 1, 4)
+        row["load_minus_greedy"] = round(row["max_mean_load"] - base["max_mean_load"], 4)
+    return rows
 
 
 def exact_part(q: bool) -> dict[str, Any]:
@@ -405,7 +404,7 @@ def main() -> int:
     )
 
     print("== unequal clusters (the paper's ILP 1), Mixtral shape, 4 GPUs")
-    unequal = unequal_part(traces["mixtral"], 4, 12.0 if q else 60.0)
+    unequal = unequal_part(traces["mixtral"], 4, 12.0 if q else 60.0, cases["mixtral_4gpu"]["solvers"]["moetuner"])
 
     # goals of the issue, evaluated on the numbers above
     goals: dict[str, Any] = {}
